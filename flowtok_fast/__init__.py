@@ -1,0 +1,1 @@
+"""flowtok-fast: a performance-first PyTorch + Triton engine for FlowTok."""

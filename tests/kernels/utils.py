@@ -1,0 +1,39 @@
+"""Shared helpers for the kernel tests: the error-budget rule and output poisoning."""
+import contextlib
+
+import torch
+
+from flowtok_fast.kernels import _common
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_within_ref_error(out, ref_same, ref_exact, *, factor=2.0, atol=None, name="out"):
+    """The kernel's error against a high-precision reference must stay within ``factor`` times
+    the error of the same-precision PyTorch reference, plus a small atol (relative to the
+    magnitude of the exact result)."""
+    assert out.shape == ref_exact.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref_exact.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten elements?)"
+    scale = ref_exact.double().abs().max().item() + 1e-12
+    if atol is None:
+        atol = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 1e-3}.get(out.dtype, 1e-5)
+    err = max_err(out, ref_exact)
+    ref_err = max_err(ref_same, ref_exact)
+    budget = factor * ref_err + atol * scale
+    assert err <= budget, (
+        f"{name}: kernel error {err:.3e} exceeds {factor}x the {ref_same.dtype} reference error "
+        f"{ref_err:.3e} + atol {atol * scale:.3e}"
+    )
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Every output the kernels allocate starts as NaN for the duration."""
+    old = _common.POISON_OUTPUTS
+    _common.POISON_OUTPUTS = True
+    try:
+        yield
+    finally:
+        _common.POISON_OUTPUTS = old
