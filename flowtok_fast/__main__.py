@@ -1,0 +1,3 @@
+from flowtok_fast.cli import main
+
+main()

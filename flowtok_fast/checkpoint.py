@@ -1,0 +1,237 @@
+"""Checkpoints: the official files <-> our models, and our own safetensors directories.
+
+Official: `FlowTok-{XL,H}.pth` (generator + text VAE + alignment MLP), `FlowTiTok_{256,512}.bin`
+(image tokenizer), OpenAI CLIP ViT-L/14-336 (`.pt` archive) or open_clip (`.bin`/`.safetensors`).
+Ours: a directory with `config.json` + `model.safetensors`, keys prefixed by component
+(`generator.`, `tokenizer.`, `clip.`). Every write is a temp file + rename.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flowtok_fast.configs import GENERATORS, TINY, FlowTokConfig, GeneratorConfig, TokenizerConfig, get_config
+from flowtok_fast.models.embeddings import sincos_1d
+from flowtok_fast.models.rope import rope_2d_tables
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+COMPONENTS = ("generator", "tokenizer", "clip")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A flat {name: tensor} from a .safetensors, a torch pickle (weights_only) or a TorchScript
+    archive (OpenAI CLIP `.pt`); common wrappers ('model', 'state_dict', 'module.') removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # an OpenAI .pt is a TorchScript archive, not a pickle
+            try:
+                sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+            except Exception:
+                raise CheckpointError(f"cannot read {path}: not a safetensors, torch or TorchScript file ({err})") from err
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    """load_state_dict(strict=True), but the error lists every missing key, unexpected key and
+    shape mismatch at once."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and sd[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        lines = [f"{what} does not match the model:"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+            if items:
+                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(sd, strict=True)
+
+
+def _check_fixed(name: str, stored: torch.Tensor, expected: torch.Tensor, what: str, atol: float = 1e-4) -> None:
+    """Fixed tables (pos_embed, RoPE) are recomputed and compared, not trusted blindly."""
+    err = (stored.float() - expected.float()).abs().max().item()
+    if err > atol:
+        raise CheckpointError(f"{what}: '{name}' differs from the recomputed table by {err:.2e} (> {atol})")
+
+
+# ---------------------------------------------------------------- official layouts
+
+
+def generator_config_from_state_dict(sd: dict[str, torch.Tensor]) -> GeneratorConfig:
+    if "pos_embed" not in sd:
+        raise CheckpointError("not a FlowTok generator checkpoint: missing key 'pos_embed'")
+    width = sd["pos_embed"].shape[-1]
+    depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+    name = _generator_name(width, depth)
+    if name is None:
+        raise CheckpointError(f"no known generator size has width {width} and depth {depth} (known: {dict(GENERATORS)})")
+    return _KNOWN_GENERATORS[name]
+
+
+_KNOWN_GENERATORS = {**GENERATORS, "tiny": TINY.generator}
+
+
+def _generator_name(width: int, depth: int) -> str | None:
+    return next((n for n, c in _KNOWN_GENERATORS.items() if (c.width, c.depth) == (width, depth)), None)
+
+
+def clean_generator_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # training checkpoints may carry a frozen CLIP under open_clip* keys: unused here
+    return {k: v for k, v in sd.items() if not k.startswith("open_clip")}
+
+
+def check_generator_tables(sd: dict[str, torch.Tensor], what: str) -> None:
+    pos = sd["pos_embed"]
+    _check_fixed("pos_embed", pos, sincos_1d(pos.shape[1], pos.shape[2])[None], what)
+
+
+def tokenizer_resolution_from_state_dict(sd: dict[str, torch.Tensor], patch_size: int = 16) -> int:
+    key = "decoder.positional_embedding.freqs_cos"
+    if key not in sd:
+        raise CheckpointError(f"not a FlowTiTok checkpoint: missing key '{key}'")
+    grid = math.isqrt(sd[key].shape[0])
+    if grid * grid != sd[key].shape[0]:
+        raise CheckpointError(f"'{key}' has {sd[key].shape[0]} rows, not a square grid")
+    return grid * patch_size
+
+
+def check_tokenizer_tables(sd: dict[str, torch.Tensor], cfg: TokenizerConfig, what: str) -> None:
+    for side, width, heads in (("encoder", cfg.encoder_width, cfg.encoder_heads), ("decoder", cfg.decoder_width, cfg.decoder_heads)):
+        prefix = f"{side}.positional_embedding."
+        if prefix + "freqs_cos" not in sd:
+            continue
+        cos, sin = rope_2d_tables(cfg.grid, width // heads)
+        stored = sd[prefix + "freqs_cos"]
+        if stored.shape != cos.shape:
+            res = tokenizer_resolution_from_state_dict({"decoder.positional_embedding.freqs_cos": stored}, cfg.patch_size)
+            raise CheckpointError(
+                f"{what} is a {res} px tokenizer (RoPE table {tuple(stored.shape)}) but the model is built "
+                f"for {cfg.resolution} px (table {tuple(cos.shape)})"
+            )
+        _check_fixed(prefix + "freqs_cos", stored, cos, what)
+        _check_fixed(prefix + "freqs_sin", sd[prefix + "freqs_sin"], sin, what)
+
+
+CLIP_TEXT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.")
+
+
+def clean_clip_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep the text tower only (drop visual.*, text_projection, logit_scale, attn_mask...)."""
+    if any(k.startswith("text.") for k in sd):  # open_clip CustomTextCLIP layout
+        sd = {k[len("text."):]: v for k, v in sd.items() if k.startswith("text.")}
+    return {k: v for k, v in sd.items() if k.startswith(CLIP_TEXT_PREFIXES)}
+
+
+def load_generator(model: nn.Module, path: str | os.PathLike) -> None:
+    sd = clean_generator_state_dict(read_state_dict(path))
+    check_generator_tables(sd, str(path))
+    load_strict(model, sd, f"generator checkpoint {path}")
+
+
+def load_tokenizer(model: nn.Module, path: str | os.PathLike) -> None:
+    sd = read_state_dict(path)
+    if not model.has_encoder:
+        sd = {k: v for k, v in sd.items() if k.startswith("decoder.")}
+    check_tokenizer_tables(sd, model.cfg, f"tokenizer checkpoint {path}")
+    load_strict(model, sd, f"tokenizer checkpoint {path}")
+
+
+def load_clip(model: nn.Module, path: str | os.PathLike) -> None:
+    load_strict(model, clean_clip_state_dict(read_state_dict(path)), f"CLIP checkpoint {path}")
+
+
+def config_from_official(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike) -> FlowTokConfig:
+    gen_cfg = generator_config_from_state_dict(clean_generator_state_dict(read_state_dict(checkpoint)))
+    name = _generator_name(gen_cfg.width, gen_cfg.depth)
+    return get_config(name, tokenizer_resolution_from_state_dict(read_state_dict(tokenizer)))
+
+
+# ---------------------------------------------------------------- our directory format
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_pretrained(directory: str | os.PathLike, config: FlowTokConfig, components: dict[str, nn.Module]) -> Path:
+    """Write config.json + model.safetensors. Weights go first; config.json, written last, marks
+    the directory complete, so an interrupted save never looks like a valid model."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, module in components.items():
+        if name not in COMPONENTS:
+            raise ValueError(f"unknown component '{name}': expected some of {COMPONENTS}")
+        for k, v in module.state_dict().items():
+            tensors[f"{name}.{k}"] = v.detach().to("cpu").contiguous()
+    meta = {"format": "flowtok-fast", "components": ",".join(components)}
+    cfg_path = directory / CONFIG_FILE
+    if cfg_path.exists():
+        cfg_path.unlink()  # the directory is incomplete until the new config lands
+    _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    payload = {"config": config.to_dict(), "components": list(components)}
+    _atomic_write(cfg_path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
+    return directory
+
+
+def read_pretrained(directory: str | os.PathLike) -> tuple[FlowTokConfig, dict[str, dict[str, torch.Tensor]]]:
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg_path, weights = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if not cfg_path.is_file() or not weights.is_file():
+        raise FileNotFoundError(
+            f"{directory} is not a flowtok-fast model directory: expected {CONFIG_FILE} and {WEIGHTS_FILE} "
+            "(make one with `flowtok-fast convert`)"
+        )
+    payload = json.loads(cfg_path.read_text())
+    config = FlowTokConfig.from_dict(payload["config"])
+    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in payload["components"]}
+    for k, v in load_file(str(weights)).items():
+        name, _, rest = k.partition(".")
+        if name not in parts:
+            raise CheckpointError(f"{weights}: key '{k}' belongs to no listed component {list(parts)}")
+        parts[name][rest] = v
+    return config, parts

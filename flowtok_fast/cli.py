@@ -1,0 +1,115 @@
+"""`flowtok-fast` command line (also `python -m flowtok_fast`)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a model hub: weights come from local files
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", help="a flowtok-fast directory (config.json + model.safetensors)")
+    p.add_argument("--checkpoint", help="official generator file, e.g. FlowTok-XL.pth")
+    p.add_argument("--tokenizer", help="official image tokenizer file, e.g. FlowTiTok_512.bin")
+    p.add_argument("--clip", help="CLIP ViT-L/14-336 weights: OpenAI .pt or open_clip .bin/.safetensors")
+    p.add_argument("--random-weights", action="store_true", help="no checkpoints: random weights (noise images)")
+    p.add_argument("--config", default="tiny", help="model size for --random-weights: tiny, S, B, L, XL, H")
+    p.add_argument("--resolution", type=int, default=256, help="tokenizer resolution for --random-weights")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--fused-kernels", action="store_true", help="use the Triton kernels (CUDA)")
+
+
+def load_pipeline(args):
+    from flowtok_fast.configs import get_config
+    from flowtok_fast.pipeline import FlowTokPipeline
+
+    kw = dict(device=args.device, fused_kernels=args.fused_kernels)
+    if args.model_dir:
+        return FlowTokPipeline.from_pretrained(args.model_dir, **kw)
+    official = (args.checkpoint, args.tokenizer, args.clip)
+    if any(official):
+        if not all(official):
+            sys.exit("error: --checkpoint, --tokenizer and --clip must be given together (or use --model-dir)")
+        return FlowTokPipeline.from_official(*official, **kw)
+    if not args.random_weights:
+        sys.exit(
+            "error: no weights given. Pass --model-dir DIR, or --checkpoint FlowTok-XL.pth --tokenizer "
+            "FlowTiTok_512.bin --clip ViT-L-14-336.pt (local files; nothing is downloaded), or "
+            "--random-weights to run with random weights."
+        )
+    print(f"note: --random-weights: the '{args.config}' model has random weights, so the images are noise by design.")
+    cfg = args.config if args.config.lower() == "tiny" else get_config(args.config, args.resolution)
+    return FlowTokPipeline.random(cfg, **kw)
+
+
+def cmd_generate(args) -> None:
+    from flowtok_fast.pipeline import image_grid
+
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        with open(args.prompt_file) as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+        sys.exit("error: give at least one --prompt or a --prompt-file")
+    pipe = load_pipeline(args)
+    t0 = time.perf_counter()
+    images = []
+    for i in range(0, len(prompts), args.batch_size):
+        batch = prompts[i : i + args.batch_size]
+        images += pipe(batch, steps=args.steps, cfg_scale=args.cfg, seed=args.seed + i,
+                       method=args.sampler, grid=args.grid, progress=True)
+    dt = time.perf_counter() - t0
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    image_grid(images).save(args.out)
+    if args.save_individual:
+        stem, ext = os.path.splitext(args.out)
+        for i, im in enumerate(images):
+            im.save(f"{stem}_{i:03d}{ext}")
+    print(f"{len(images)} image(s) in {dt:.1f} s ({len(images) / dt:.2f} images/s) -> {args.out}")
+
+
+def cmd_convert(args) -> None:
+    from flowtok_fast.pipeline import FlowTokPipeline
+
+    pipe = FlowTokPipeline.from_official(args.checkpoint, args.tokenizer, args.clip, device="cpu")
+    pipe.save_pretrained(args.out)
+    print(f"wrote {args.out} ({pipe.config.name}, {pipe.config.tokenizer.resolution} px)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowtok-fast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="text -> image")
+    _add_model_source(g)
+    g.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    g.add_argument("--prompt-file", help="a text file with one prompt per line")
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale (1 = off)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--sampler", choices=("euler", "heun"), default="euler")
+    g.add_argument("--grid", choices=("reference", "consistent"), default="reference",
+                   help="time grid: 'reference' reproduces the published checkpoints' outputs")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--out", default="outputs/grid.png")
+    g.add_argument("--save-individual", action="store_true", help="also save each image")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("convert", help="official checkpoint files -> a flowtok-fast directory")
+    c.add_argument("--checkpoint", required=True)
+    c.add_argument("--tokenizer", required=True)
+    c.add_argument("--clip", required=True)
+    c.add_argument("--out", required=True, help="output directory")
+    c.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
