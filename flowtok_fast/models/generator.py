@@ -12,7 +12,7 @@ from torch import nn
 from flowtok_fast.configs import NUM_TOKENS, TOKEN_CHANNELS, GeneratorConfig, TextVAEConfig
 from flowtok_fast.models.embeddings import sincos_1d, timestep_features
 from flowtok_fast.models.text import TextVAE, context_projector
-from flowtok_fast.ops import UsesOps
+from flowtok_fast.ops import UsesOps, use
 
 
 class TimestepEmbedder(nn.Module):
@@ -93,7 +93,7 @@ class FlowTokGenerator(nn.Module):
     contrastive temperature, because the published checkpoints store them together.
     """
 
-    def __init__(self, cfg: GeneratorConfig, text_cfg: TextVAEConfig = TextVAEConfig()):
+    def __init__(self, cfg: GeneratorConfig, text_cfg: TextVAEConfig = TextVAEConfig(), use_fused_kernels: bool = False):
         super().__init__()
         d = cfg.width
         self.cfg = cfg
@@ -108,6 +108,7 @@ class FlowTokGenerator(nn.Module):
         self.context_encoder = TextVAE(text_cfg)
         self.context_projector = context_projector(text_cfg)
         self.reset_parameters()
+        use(self, "triton" if use_fused_kernels else "reference")
 
     def reset_parameters(self) -> None:
         """DiT initialisation: xavier linears, N(0, 0.02) embeddings, zeroed adaLN and output."""

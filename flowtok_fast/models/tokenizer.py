@@ -11,7 +11,7 @@ from torch import nn
 from flowtok_fast.configs import LATENT_SCALE, NUM_TOKENS, TOKEN_CHANNELS, TokenizerConfig
 from flowtok_fast.models.generator import Attention
 from flowtok_fast.models.rope import rope_2d_tables
-from flowtok_fast.ops import UsesOps
+from flowtok_fast.ops import UsesOps, use
 
 
 class SwiGLU(UsesOps, nn.Module):
@@ -136,7 +136,7 @@ class TokenizerDecoder(nn.Module):
 class FlowTiTok(nn.Module):
     """Encoder + decoder; `latent_tokens` sits at the top level as in the checkpoints."""
 
-    def __init__(self, cfg: TokenizerConfig = TokenizerConfig(), with_encoder: bool = True):
+    def __init__(self, cfg: TokenizerConfig = TokenizerConfig(), with_encoder: bool = True, use_fused_kernels: bool = False):
         super().__init__()
         self.cfg = cfg
         w = cfg.encoder_width
@@ -145,6 +145,7 @@ class FlowTiTok(nn.Module):
             self.encoder = TokenizerEncoder(cfg)
         self.decoder = TokenizerDecoder(cfg)
         _init_weights(self)
+        use(self, "triton" if use_fused_kernels else "reference")
 
     @property
     def has_encoder(self) -> bool:
