@@ -38,10 +38,18 @@ class Ops:
     cfg_euler_step_: Callable
     # euler_step_(x, v, dt): in place x += dt * v
     euler_step_: Callable
+    # Elementwise op + the Linear consuming it (fused: backward recomputes the Linear's input):
+    # modulated_linear(x, shift, scale, lin) = lin(ln_modulate(x, shift, scale))
+    modulated_linear: Callable
+    # gated_residual_modulated_linear(x, y, gate, shift, scale, lin) -> (res, lin(ln_modulate(res)))
+    gated_residual_modulated_linear: Callable
+    # gelu_linear(a, lin) = lin(gelu_tanh(a)); swiglu_linear(x12, lin) = lin(swiglu(x12))
+    gelu_linear: Callable
+    swiglu_linear: Callable
 
 
 def _build(impl: str) -> Ops:
-    from flowtok_fast.kernels import adaln, attention, flow_step, swiglu
+    from flowtok_fast.kernels import adaln, attention, flow_step, fused_linear, swiglu
 
     if impl == "reference":
         return Ops(
@@ -54,6 +62,10 @@ def _build(impl: str) -> Ops:
             gated_residual_ln_modulate=adaln.gated_residual_ln_modulate_ref,
             cfg_euler_step_=flow_step.cfg_euler_step_ref,
             euler_step_=flow_step.euler_step_ref,
+            modulated_linear=fused_linear.modulated_linear_ref,
+            gated_residual_modulated_linear=fused_linear.gated_residual_modulated_linear_ref,
+            gelu_linear=fused_linear.gelu_linear_ref,
+            swiglu_linear=fused_linear.swiglu_linear_ref,
         )
     return Ops(
         name="triton",
@@ -65,6 +77,10 @@ def _build(impl: str) -> Ops:
         gated_residual_ln_modulate=adaln.gated_residual_ln_modulate,
         cfg_euler_step_=flow_step.cfg_euler_step_,
         euler_step_=flow_step.euler_step_,
+        modulated_linear=fused_linear.modulated_linear,
+        gated_residual_modulated_linear=fused_linear.gated_residual_modulated_linear,
+        gelu_linear=fused_linear.gelu_linear,
+        swiglu_linear=fused_linear.swiglu_linear,
     )
 
 

@@ -22,7 +22,8 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_features(t, self.freq_dim))
+        # features in fp32 as the reference computes them, then in the MLP's dtype
+        return self.mlp(timestep_features(t, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -44,20 +45,21 @@ class Attention(UsesOps, nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        b, n, d = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.heads, d // self.heads)
+        return self.attend(self.qkv(x), rope)
+
+    def attend(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """From the packed qkv projection [B, N, 3D] on: attention, then `proj`."""
+        b, n, d3 = qkv.shape
+        qkv = qkv.view(b, n, 3, self.heads, d3 // (3 * self.heads))
         cos, sin = rope if rope is not None else (None, None)
         return self.proj(self.ops.attention(qkv, cos, sin))
 
 
-class GeluMlp(UsesOps, nn.Module):
+class GeluMlp(nn.Module):
     def __init__(self, width: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.ops.gelu_tanh(self.fc1(x)))
 
 
 class DiTBlock(UsesOps, nn.Module):
@@ -69,10 +71,12 @@ class DiTBlock(UsesOps, nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        h = self.ops.ln_modulate(x, shift_msa, scale_msa)
-        # residual + gate, then the second LayerNorm + modulate, in one pass when fused
-        x, h = self.ops.gated_residual_ln_modulate(x, self.attn(h), gate_msa, shift_mlp, scale_mlp)
-        return self.ops.gated_residual(x, self.mlp(h), gate_mlp)
+        ops = self.ops
+        # x = x + gate_msa * attn(modulate(norm1(x))), the norm fused into the qkv projection
+        a = self.attn.attend(ops.modulated_linear(x, shift_msa, scale_msa, self.attn.qkv))
+        # the residual add, norm2 + modulate and fc1 in one op; then GELU fused into fc2
+        x, h = ops.gated_residual_modulated_linear(x, a, gate_msa, shift_mlp, scale_mlp, self.mlp.fc1)
+        return ops.gated_residual(x, ops.gelu_linear(h, self.mlp.fc2), gate_mlp)
 
 
 class FinalLayer(UsesOps, nn.Module):
@@ -83,7 +87,7 @@ class FinalLayer(UsesOps, nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(self.ops.ln_modulate(x, shift, scale))
+        return self.ops.modulated_linear(x, shift, scale, self.linear)
 
 
 class FlowTokGenerator(nn.Module):
