@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="A fast PyTorch + Triton engine for FlowTok (text <-> image flow over 1-D tokens)",
     python_requires=">=3.10",
-    packages=["flowtok_fast", "flowtok_fast.models", "flowtok_fast.kernels"],
+    packages=["flowtok_fast", "flowtok_fast.models", "flowtok_fast.train", "flowtok_fast.perf", "flowtok_fast.kernels"],
     package_dir={"flowtok_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.11",

@@ -22,7 +22,7 @@ from flowtok_fast.models.rope import rope_2d_tables
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-COMPONENTS = ("generator", "tokenizer", "clip")
+COMPONENTS = ("generator", "tokenizer", "clip", "text_decoder")
 
 
 class CheckpointError(ValueError):

@@ -78,6 +78,62 @@ def cmd_convert(args) -> None:
     print(f"wrote {args.out} ({pipe.config.name}, {pipe.config.tokenizer.resolution} px)")
 
 
+def cmd_caption(args) -> None:
+    import json
+
+    from flowtok_fast.captioning import FlowTokCaptioner
+
+    kw = dict(device=args.device, fused_kernels=args.fused_kernels)
+    if args.model_dir:
+        cap = FlowTokCaptioner.from_pretrained(args.model_dir, **kw)
+    elif args.random_weights:
+        print("note: --random-weights: captions are gibberish by design.", file=sys.stderr)
+        cap = FlowTokCaptioner.random(args.config, **kw)
+    else:
+        sys.exit("error: pass --model-dir DIR (an image-to-text model directory) or --random-weights")
+    missing = [p for p in args.images if not os.path.isfile(p)]
+    if missing:
+        sys.exit(f"error: image file(s) not found: {missing}")
+    from tqdm import tqdm
+
+    captions = []
+    for i in tqdm(range(0, len(args.images), args.batch_size), desc="captioning", disable=len(args.images) <= args.batch_size):
+        captions += cap(args.images[i : i + args.batch_size], steps=args.steps, cfg_scale=args.cfg)
+    if args.json:
+        print(json.dumps([{"image": p, "caption": c} for p, c in zip(args.images, captions)], indent=2))
+    else:
+        for p, c in zip(args.images, captions):
+            print(f"{p}\t{c}")
+
+
+def cmd_eval_captions(args) -> None:
+    import json
+
+    from flowtok_fast.metrics import caption_metrics
+
+    preds = json.load(open(args.predictions))
+    refs = json.load(open(args.references))
+    # predictions: {id: caption} or [{"image": id, "caption": ...}]; references: {id: [captions]}
+    if isinstance(preds, list):
+        preds = {p["image"]: p["caption"] for p in preds}
+    scores = caption_metrics(preds, refs, spice=not args.no_spice, meteor=not args.no_meteor)
+    for note in scores.pop("notes"):
+        print(f"note: {note}", file=sys.stderr)
+    print(json.dumps(scores, indent=2))
+
+
+def cmd_train(args) -> None:
+    from flowtok_fast.train import main as train_main
+
+    sys.exit(train_main([args.config_file, *args.overrides]))
+
+
+def cmd_plan(args) -> None:
+    from flowtok_fast.perf.planner import main as plan_main
+
+    plan_main(args.planner_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowtok-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +159,35 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--clip", required=True)
     c.add_argument("--out", required=True, help="output directory")
     c.set_defaults(func=cmd_convert)
+
+    cp = sub.add_parser("caption", help="image -> text (the reverse flow)")
+    cp.add_argument("images", nargs="+", help="image files")
+    cp.add_argument("--model-dir", help="an image-to-text flowtok-fast directory")
+    cp.add_argument("--random-weights", action="store_true")
+    cp.add_argument("--config", default="tiny")
+    cp.add_argument("--steps", type=int, default=20)
+    cp.add_argument("--cfg", type=float, default=1.0, help="guidance scale (1 = off)")
+    cp.add_argument("--batch-size", type=int, default=32)
+    cp.add_argument("--device", default=None)
+    cp.add_argument("--fused-kernels", action="store_true")
+    cp.add_argument("--json", action="store_true", help="print JSON instead of tab-separated lines")
+    cp.set_defaults(func=cmd_caption)
+
+    ev = sub.add_parser("eval-captions", help="BLEU-4, METEOR, ROUGE-L, CIDEr, SPICE of predictions vs references")
+    ev.add_argument("predictions", help="JSON: {id: caption} or the output of `caption --json`")
+    ev.add_argument("references", help="JSON: {id: [reference captions]}")
+    ev.add_argument("--no-spice", action="store_true")
+    ev.add_argument("--no-meteor", action="store_true")
+    ev.set_defaults(func=cmd_eval_captions)
+
+    tr = sub.add_parser("train", help="train a FlowTok generator (multi-GPU: torchrun -m flowtok_fast.train)")
+    tr.add_argument("config_file", help="YAML recipe, e.g. configs/train/tiny.yaml")
+    tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100 lr=2e-4")
+    tr.set_defaults(func=cmd_train)
+
+    pl = sub.add_parser("plan", help="memory/FLOP planner (see `flowtok-fast plan -- --help`)", add_help=False)
+    pl.add_argument("planner_args", nargs=argparse.REMAINDER)
+    pl.set_defaults(func=cmd_plan)
     return parser
 
 

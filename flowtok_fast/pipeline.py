@@ -90,7 +90,7 @@ class FlowTokPipeline:
     def from_pretrained(cls, directory: str, **kw) -> "FlowTokPipeline":
         """From a flowtok-fast directory (config.json + model.safetensors)."""
         config, parts = ckpt.read_pretrained(directory)
-        missing = [c for c in ckpt.COMPONENTS if c not in parts]
+        missing = [c for c in ("generator", "tokenizer", "clip") if c not in parts]
         if missing:
             raise ckpt.CheckpointError(f"{directory} lacks component(s) {missing} needed for text-to-image")
         clip_m, gen_m, tok_m = cls.build(config)

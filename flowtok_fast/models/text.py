@@ -191,3 +191,55 @@ def context_projector(cfg: TextVAEConfig = TextVAEConfig()) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(cfg.width, h), nn.SiLU(), nn.Linear(h, h), nn.SiLU(), nn.Linear(h, TOKEN_CHANNELS)
     )
+
+
+# ---------------------------------------------------------------- text decoder (image-to-text)
+
+SOT_ID, EOT_ID, PAD_ID = 49406, 49407, 0
+
+
+class TextDecoder(nn.Module):
+    """Text latents Z_T [B, 77, 16] -> CLIP token logits [B, 77, vocab], all positions at once.
+
+    Non-autoregressive: the same post-LN blocks as the text VAE over an input projection plus a
+    learned position embedding (the latents of a permutation-equivariant VAE carry position only
+    implicitly), then a vocabulary head. Trained with cross-entropy on every position, padding
+    (id 0) included, so the decoder also learns where the caption ends.
+    """
+
+    def __init__(self, cfg: TextVAEConfig = TextVAEConfig(), vocab_size: int = 49408):
+        super().__init__()
+        self.embed = nn.Linear(TOKEN_CHANNELS, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.randn(NUM_TOKENS, cfg.width) * 0.02)
+        self.layers = nn.ModuleList(_PostLNLayer(cfg) for _ in range(cfg.layers))
+        self.head = nn.Linear(cfg.width, vocab_size)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dim() != 3 or z.shape[1:] != (NUM_TOKENS, TOKEN_CHANNELS):
+            raise ValueError(f"text latents must be [B, {NUM_TOKENS}, {TOKEN_CHANNELS}], got {tuple(z.shape)}")
+        x = self.embed(z.to(self.embed.weight.dtype)) + self.positional_embedding
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+    def loss(self, z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        logits = self(z)
+        return F.cross_entropy(logits.float().flatten(0, 1), ids.flatten())
+
+    @torch.no_grad()
+    def decode_ids(self, z: torch.Tensor) -> torch.Tensor:
+        return self(z).argmax(-1)
+
+
+def detokenize(ids: torch.Tensor) -> list[str]:
+    """CLIP token ids [B, 77] -> captions: the tokens between start and end of text."""
+    tokenize([""])  # loads the shared tokenizer
+    captions = []
+    for row in ids.tolist():
+        if SOT_ID in row:
+            row = row[row.index(SOT_ID) + 1 :]
+        if EOT_ID in row:
+            row = row[: row.index(EOT_ID)]
+        row = [t for t in row if t not in (SOT_ID, EOT_ID, PAD_ID)]
+        captions.append(_TOKENIZER.decode(row).strip())
+    return captions

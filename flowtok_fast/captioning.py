@@ -1,0 +1,107 @@
+"""Image-to-text end to end: image -> tokenizer encoder -> reverse flow -> text decoder -> captions.
+
+The paper's reverse direction: the same generator architecture, trained with the image latents
+at t = 0 and the text latents Z_T at t = 1 (KL and alignment weights 0), then a
+non-autoregressive text decoder maps Z_T to CLIP token ids at all 77 positions.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from PIL import Image
+
+from flowtok_fast import checkpoint as ckpt
+from flowtok_fast import flow, ops
+from flowtok_fast.configs import FlowTokConfig, get_config
+from flowtok_fast.models.generator import FlowTokGenerator
+from flowtok_fast.models.text import TextDecoder, detokenize
+from flowtok_fast.models.tokenizer import FlowTiTok
+from flowtok_fast.pipeline import SamplingOptions, default_device
+
+COMPONENTS = ("generator", "tokenizer", "text_decoder")
+
+
+def load_images(paths: list[str], resolution: int) -> torch.Tensor:
+    """Files -> [B, 3, r, r] in [0, 1]: resize the short side to r, centre crop (as in training)."""
+    out = []
+    for p in paths:
+        im = Image.open(p).convert("RGB")
+        s = resolution / min(im.size)
+        im = im.resize((max(resolution, round(im.width * s)), max(resolution, round(im.height * s))), Image.BICUBIC)
+        left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
+        im = im.crop((left, top, left + resolution, top + resolution))
+        out.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3))
+    return torch.stack(out).permute(0, 3, 1, 2).float() / 255.0
+
+
+class FlowTokCaptioner:
+    def __init__(self, config: FlowTokConfig, tokenizer: FlowTiTok, generator: FlowTokGenerator,
+                 text_decoder: TextDecoder, device=None, dtype=None, fused_kernels: bool = False):
+        if not tokenizer.has_encoder:
+            raise ValueError("captioning needs the image tokenizer's encoder")
+        self.config = config
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.tokenizer = tokenizer.to(self.device).eval().requires_grad_(False)
+        self.generator = generator.to(self.device).eval().requires_grad_(False)
+        self.text_decoder = text_decoder.to(self.device).eval().requires_grad_(False)
+        for module in (self.tokenizer, self.generator):
+            ops.use(module, "triton" if fused_kernels else "reference")
+
+    @staticmethod
+    def build(config: FlowTokConfig):
+        return (FlowTiTok(config.tokenizer), FlowTokGenerator(config.generator, config.text_vae),
+                TextDecoder(config.text_vae, config.clip.vocab_size))
+
+    @classmethod
+    def random(cls, config: FlowTokConfig | str = "tiny", seed: int = 0, **kw) -> "FlowTokCaptioner":
+        """Random weights: captions are gibberish by design (tests, demos)."""
+        config = get_config(config) if isinstance(config, str) else config
+        torch.manual_seed(seed)
+        return cls(config, *cls.build(config), **kw)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, **kw) -> "FlowTokCaptioner":
+        config, parts = ckpt.read_pretrained(directory)
+        missing = [c for c in COMPONENTS if c not in parts]
+        if missing:
+            raise ckpt.CheckpointError(f"{directory} lacks component(s) {missing} needed for image-to-text")
+        modules = cls.build(config)
+        for name, module in zip(COMPONENTS, modules):
+            ckpt.load_strict(module, parts[name], f"{directory} [{name}]")
+        return cls(config, *modules, **kw)
+
+    def save_pretrained(self, directory: str) -> None:
+        ckpt.save_pretrained(directory, self.config, dict(zip(COMPONENTS, (self.tokenizer, self.generator, self.text_decoder))))
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @torch.no_grad()
+    def image_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Posterior MEAN (deterministic captions) in flow space, [B, 77, 16]."""
+        with self.autocast():
+            return self.tokenizer.encode(pixels.to(self.device), sample=False)
+
+    @torch.no_grad()
+    def text_latents(self, z_img: torch.Tensor, opts: SamplingOptions, progress: bool = False) -> torch.Tensor:
+        with self.autocast():
+            return flow.sample(self.generator, z_img, opts.steps, opts.cfg_scale, opts.method, opts.grid, progress)
+
+    @torch.no_grad()
+    def decode_ids(self, z_text: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.text_decoder.decode_ids(z_text)
+
+    @torch.no_grad()
+    def __call__(self, images, steps: int = 20, cfg_scale: float = 1.0, method: str = "euler",
+                 grid: str = "reference", progress: bool = False) -> list[str]:
+        """images: a [B,3,r,r] tensor in [0,1] or a list of file paths. One caption per image."""
+        if isinstance(images, (list, tuple)):
+            images = load_images(list(images), self.config.tokenizer.resolution)
+        opts = SamplingOptions(steps=steps, cfg_scale=cfg_scale, method=method, grid=grid)
+        ids = self.decode_ids(self.text_latents(self.image_latents(images), opts, progress))
+        return detokenize(ids.cpu())

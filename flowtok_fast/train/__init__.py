@@ -1,0 +1,16 @@
+"""Training: `torchrun --nproc_per_node=N -m flowtok_fast.train CONFIG [key=value ...]`.
+
+config.py (TrainConfig), data.py (batch contract, synthetic source), frozen.py (CLIP and image
+encoder), parallelize.py (DDP / FSDP2 / checkpointing / compile / fused kernels), ema.py,
+checkpoint.py (DCP, atomic), trainer.py (the loop). The objective is flowtok_fast/objective.py.
+"""
+from flowtok_fast.train.config import TrainConfig, load_config
+from flowtok_fast.train.trainer import NonFiniteLossError, Trainer
+
+__all__ = ["TrainConfig", "load_config", "Trainer", "NonFiniteLossError", "main"]
+
+
+def main(argv=None) -> int:
+    from flowtok_fast.train.__main__ import main as _main
+
+    return _main(argv)

@@ -1,0 +1,34 @@
+"""`python -m flowtok_fast.train CONFIG [key=value ...]`, or under torchrun for several processes."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch.distributed as dist
+
+from flowtok_fast.train.config import load_config
+from flowtok_fast.train.trainer import Trainer, setup_distributed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="flowtok-fast train",
+        description="Train FlowTok. Launch with torchrun --nproc_per_node=N for DDP or FSDP.",
+    )
+    parser.add_argument("config", help="YAML training config, e.g. configs/train/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. steps=100 lr=2e-4")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(args.config, args.overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    device = setup_distributed()
+    try:
+        Trainer(cfg, device=device).train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""TrainConfig: one flat dataclass, loaded from YAML, then `key=value` command-line overrides.
+
+Flat on purpose: every key can be overridden as `key=value` and unknown keys are errors.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from flowtok_fast.configs import get_config
+from flowtok_fast.objective import DIRECTIONS, KL_FORMS, LossWeights
+
+PARALLELISMS = ("none", "ddp", "fsdp")
+PRECISIONS = ("auto", "bf16", "fp32")
+DATA_SOURCES = ("synthetic",)
+DATA_KINDS = ("moments", "pixels")
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = "tiny"  # tiny | S | B | L | XL | H (configs.get_config)
+    resolution: int = 256  # image tokenizer resolution (ignored by tiny, which is 64 px)
+    direction: str = "t2i"  # t2i | i2t
+    clip_weights: str | None = None  # local CLIP ViT-L/14-336 weights; None = random (tiny only)
+    tokenizer_weights: str | None = None  # FlowTiTok_*.bin; needed for data_kind=pixels unless tiny
+    # batch: global_batch = micro_batch * grad_accum * world_size; grad_accum is derived
+    global_batch: int = 4096
+    micro_batch: int = 32  # per process, per forward
+    # optimiser (spec section 3)
+    lr: float = 4e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.03  # on every parameter, as in the reference
+    warmup_steps: int = 10000  # linear warm-up, then constant (paper table 6)
+    ema_decay: float = 0.9999
+    # losses
+    flow_weight: float = 1.0
+    align_weight: float | None = None  # None: 1.0 (t2i) / 0.0 (i2t)
+    kl_weight: float | None = None  # None: 0.01 (t2i) / 0.0 (i2t)
+    kl_form: str = "reference"  # reference (sum over the local batch) | per_sample
+    cfg_prob: float = 0.1
+    # systems
+    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    parallelism: str = "none"  # none | ddp | fsdp
+    activation_checkpointing: bool = False
+    compile_blocks: bool = False
+    fused_kernels: bool = False
+    # run
+    steps: int = 250000  # paper table 6, pre-training
+    log_interval: int = 10
+    ckpt_interval: int = 1000
+    keep_checkpoints: int = 2
+    seed: int = 0
+    output_dir: str = "outputs/train"
+    resume: str = "auto"  # auto (latest in output_dir/checkpoints) | none | a checkpoint directory
+    progress: bool = True  # tqdm bar on rank 0
+    # data (see flowtok_fast/train/data.py for the batch contract)
+    data_source: str = "synthetic"
+    data_kind: str = "moments"  # moments [B,32,1,77] | pixels [B,3,H,W]
+    data_size: int = 1024  # synthetic dataset length
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        choices = {
+            "direction": DIRECTIONS, "kl_form": KL_FORMS, "precision": PRECISIONS,
+            "parallelism": PARALLELISMS, "data_source": DATA_SOURCES, "data_kind": DATA_KINDS,
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r}: expected one of {allowed}")
+        for key in ("global_batch", "micro_batch", "steps", "log_interval", "ckpt_interval"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if len(self.betas) != 2:
+            raise ValueError(f"betas must be two numbers, got {self.betas}")
+        if self.warmup_steps < 0 or self.keep_checkpoints < 0:
+            raise ValueError("warmup_steps and keep_checkpoints must be >= 0")
+        get_config(self.model, self.resolution)  # unknown model or resolution: a clear error now
+
+    def loss_weights(self) -> LossWeights:
+        return LossWeights(self.flow_weight, self.align_weight, self.kl_weight, self.kl_form, self.cfg_prob)
+
+    def grad_accum(self, world_size: int) -> int:
+        per_step = self.micro_batch * world_size
+        if self.global_batch % per_step:
+            raise ValueError(
+                f"global_batch={self.global_batch} is not a multiple of micro_batch * world_size = "
+                f"{self.micro_batch} * {world_size}"
+            )
+        return self.global_batch // per_step
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(key: str, value):
+    """YAML gives '4e-4' as a string and 1 for 1.0: convert by the field's declared type."""
+    if key not in _FIELDS:
+        raise ValueError(f"unknown config key '{key}': expected one of {', '.join(_FIELDS)}")
+    kind = _FIELDS[key].type
+    optional = "None" in kind
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if not optional:
+            raise ValueError(f"{key} cannot be null")
+        return None
+    try:
+        if kind.startswith("bool"):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes", "on")
+            return bool(value)
+        if kind.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith("tuple"):
+            items = yaml.safe_load(value) if isinstance(value, str) else value
+            return tuple(float(v) for v in items)
+        return str(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{key}={value!r}: expected {kind}") from err
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override '{item}': expected key=value")
+        out[key.strip()] = _coerce(key.strip(), yaml.safe_load(value) if value else value)
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """TrainConfig from a YAML file (or the defaults when path is None) plus `key=value` overrides."""
+    values = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"training config not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
+        values = {k: _coerce(k, v) for k, v in raw.items()}
+    values.update(parse_overrides(list(overrides)))
+    return TrainConfig(**values)

@@ -1,0 +1,240 @@
+"""The training loop.
+
+One optimizer step = `grad_accum` micro-batches per process, `global_batch` samples in all.
+Weights and optimizer state are fp32 (master weights); compute is bf16 autocast on CUDA and fp32
+on CPU. Every micro-batch reseeds torch's generators from (seed, step, global micro-batch index),
+so the randomness of a sample (t, noise, CFG selection, dropout) does not depend on the number of
+processes or on where a run was resumed: 2 processes x 1 micro-batch equal 1 process x 2, and a
+resumed run repeats the uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from flowtok_fast.configs import get_config
+from flowtok_fast.models.generator import FlowTokGenerator
+from flowtok_fast.objective import LOSS_TERMS, FlowTokObjective
+from flowtok_fast.train import checkpoint as train_ckpt
+from flowtok_fast.train.config import TrainConfig
+from flowtok_fast.train.data import ShardedBatches, SyntheticDataset
+from flowtok_fast.train.ema import EMA
+from flowtok_fast.train.frozen import build_frozen
+from flowtok_fast.train.parallelize import grad_sync, parallelize
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def micro_batch_seed(seed: int, step: int, micro_index: int) -> int:
+    return int(np.random.SeedSequence([seed, step, micro_index]).generate_state(1, np.uint64)[0])
+
+
+class _SigtermFlag:
+    """SIGTERM (e.g. a preempted job) sets a flag; the loop saves a checkpoint and returns."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, device: torch.device | str | None = None, dataset=None):
+        self.cfg = cfg
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        if self.world_size > 1 and cfg.parallelism == "none":
+            raise ValueError(f"{self.world_size} processes with parallelism=none: set parallelism=ddp or fsdp")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.grad_accum = cfg.grad_accum(self.world_size)
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.amp_dtype = torch.bfloat16 if bf16 else None
+
+        model_cfg = get_config(cfg.model, cfg.resolution)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.frozen = build_frozen(model_cfg, cfg.clip_weights, cfg.tokenizer_weights, cfg.data_kind == "pixels").to(self.device)
+        torch.manual_seed(cfg.seed)
+        generator = FlowTokGenerator(model_cfg.generator, model_cfg.text_vae)
+        self.objective = FlowTokObjective(generator, cfg.loss_weights(), cfg.direction).to(self.device)
+        self.model = parallelize(
+            self.objective, cfg.parallelism, self.device,
+            cfg.fused_kernels, cfg.activation_checkpointing, cfg.compile_blocks,
+        )
+        cuda = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.objective.parameters() if p.requires_grad],
+            lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+            fused=True if cuda else None, foreach=None if cuda else True,
+        )
+        self.ema = EMA(generator, cfg.ema_decay)
+        if dataset is None:
+            dataset = SyntheticDataset(cfg.data_size, cfg.data_kind, model_cfg.tokenizer.resolution, cfg.seed, model_cfg.clip.vocab_size)
+        self.data = ShardedBatches(dataset, cfg.global_batch, cfg.micro_batch, self.rank, self.world_size, cfg.seed)
+        self.step = 0  # optimizer steps completed
+        self.history: list[dict] = []  # this run's per-step metrics
+        self.output_dir = Path(cfg.output_dir)
+        self._maybe_resume()
+        n_params = sum(p.numel() for p in generator.parameters())
+        self._info(
+            f"model {model_cfg.name}: {n_params / 1e6:.1f}M parameters | {self.world_size} process(es), "
+            f"{cfg.parallelism}, micro-batch {cfg.micro_batch} x accumulation {self.grad_accum} = global batch "
+            f"{cfg.global_batch} | {'bf16 autocast' if self.amp_dtype else 'fp32'} on {self.device}"
+        )
+
+    # ------------------------------------------------------------ pieces
+
+    def _info(self, msg: str) -> None:
+        if self.rank == 0:
+            log.info(msg)
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up over `warmup_steps`, then constant."""
+        return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def _extra(self) -> dict[str, int]:
+        return {"step": self.step, **{f"data_{k}": v for k, v in self.data.state_dict().items()}}
+
+    def save_checkpoint(self) -> Path:
+        path = train_ckpt.save(
+            self.output_dir, self.step, self.model, self.optimizer, self.ema, self._extra(),
+            self.cfg.to_dict(), self.cfg.keep_checkpoints,
+        )
+        self._info(f"saved checkpoint {path}")
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        extra = train_ckpt.load(path, self.model, self.optimizer, self.ema, self._extra())
+        self.step = extra["step"]
+        self.data.load_state_dict({k.removeprefix("data_"): v for k, v in extra.items() if k.startswith("data_")})
+        self._info(f"resumed from {path} at step {self.step}")
+
+    def _maybe_resume(self) -> None:
+        if self.cfg.resume == "none":
+            return
+        if self.cfg.resume == "auto":
+            found = train_ckpt.list_checkpoints(self.output_dir)
+            if found:
+                self.load_checkpoint(found[-1])
+            return
+        self.load_checkpoint(self.cfg.resume)
+
+    # ------------------------------------------------------------ one step
+
+    def train_step(self) -> dict[str, float]:
+        """Forward/backward of this process's micro-batches, then one optimizer and EMA update.
+        Raises NonFiniteLossError (before touching the weights) if any loss term is not finite."""
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        sums = torch.zeros(len(LOSS_TERMS), device=self.device)
+        micro_batches = self.data.next_step()
+        for m, (index, batch) in enumerate(micro_batches):
+            torch.manual_seed(micro_batch_seed(self.cfg.seed, self.step, index))
+            with grad_sync(self.model, m == len(micro_batches) - 1):
+                with self.autocast():
+                    feats, z_img = self.frozen(batch, self.device)
+                    losses = self.model(feats, z_img)
+                (losses["loss"] / self.grad_accum).backward()
+            sums += torch.stack([losses[k].detach().float() for k in LOSS_TERMS])
+        if self.world_size > 1:
+            dist.all_reduce(sums)
+        values = dict(zip(LOSS_TERMS, (sums / (self.grad_accum * self.world_size)).tolist()))
+        if not all(math.isfinite(v) for v in values.values()):
+            terms = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
+            raise NonFiniteLossError(f"non-finite loss at step {self.step + 1}: {terms}")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update()
+        self.step += 1
+        return {"step": self.step, "lr": lr, **values}
+
+    # ------------------------------------------------------------ the loop
+
+    def _stop_agreed(self, requested: bool) -> bool:
+        # every rank must stop at the same step, or the others would wait in a collective
+        flag = torch.tensor([float(requested)], device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def train(self) -> list[dict]:
+        """Run until `steps`; returns this run's per-step metrics. Checkpoints every
+        `ckpt_interval` steps, at the end, and on SIGTERM (then returns early)."""
+        cfg = self.cfg
+        metrics_file = self.output_dir / "metrics.jsonl"
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0 or not cfg.progress, desc="train")
+        window_start, window_steps = time.perf_counter(), 0
+        with _SigtermFlag() as sigterm, logging_redirect_tqdm():  # log lines print above the bar
+            while self.step < cfg.steps:
+                row = self.train_step()
+                window_steps += 1
+                now = time.perf_counter()
+                row["samples_per_s"] = cfg.global_batch * window_steps / max(now - window_start, 1e-9)
+                self.history.append(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.1f}")
+                if self.rank == 0:
+                    with metrics_file.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
+                    terms = " | ".join(f"{k} {row[k]:.4f}" for k in LOSS_TERMS)
+                    self._info(
+                        f"step {self.step}/{cfg.steps} | {terms} | lr {row['lr']:.2e} | "
+                        f"{row['samples_per_s']:.1f} samples/s"
+                    )
+                    window_start, window_steps = time.perf_counter(), 0
+                stop = self._stop_agreed(sigterm.requested)
+                if stop or self.step % cfg.ckpt_interval == 0 or self.step == cfg.steps:
+                    self.save_checkpoint()
+                if stop:
+                    self._info(f"SIGTERM: stopped after step {self.step}, checkpoint saved")
+                    break
+        bar.close()
+        return self.history
+
+
+def setup_distributed() -> torch.device:
+    """Under torchrun (WORLD_SIZE set): init the process group (NCCL on CUDA, gloo on CPU) and
+    return this process's device; otherwise just the default device."""
+    cuda = torch.cuda.is_available()
+    if "WORLD_SIZE" not in os.environ:
+        return torch.device("cuda" if cuda else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return torch.device("cuda", local_rank) if cuda else torch.device("cpu")
