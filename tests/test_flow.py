@@ -94,3 +94,18 @@ def test_heun_is_second_order_on_a_linear_field():
            for m in ("euler", "heun")}
     assert err["heun"][0] / err["heun"][1] > 3.5
     assert 1.7 < err["euler"][0] / err["euler"][1] < 2.3
+
+
+@pytest.mark.parametrize("grid", ["reference", "consistent"])
+def test_sampler_follows_the_training_path_in_both_directions(grid):
+    """With the exact velocity of the training path (t = 0 source, t = 1 destination), the
+    sampler lands on the path's end point: text -> image for t2i, image -> text for i2t."""
+    from flowtok_fast.objective import flow_path
+
+    z_text, z_img = torch.randn(2, 77, 16), torch.randn(2, 77, 16)
+    for src, dst in ((z_text, z_img), (z_img, z_text)):
+        _, v = flow_path(src, dst, torch.zeros(2))
+        end = flow.sample(lambda x, t, ind: v.expand(x.shape[0], -1, -1), src, steps=7, cfg_scale=1.0, grid=grid)
+        expected, _ = flow_path(src, dst, torch.full((2,), flow.T_END))
+        torch.testing.assert_close(end, expected, atol=1e-5, rtol=1e-5)
+        assert (end - dst).abs().max() < 1e-3  # and that is (almost) the destination
