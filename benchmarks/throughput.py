@@ -1,11 +1,24 @@
-"""End-to-end text-to-image throughput with a per-stage split (CLIP, text VAE, flow loop, decoder).
+"""End-to-end text-to-image throughput, sampler modes compared in one run, and a training step.
 
-    python benchmarks/throughput.py                       # CPU default: tiny + B, batch 2, 20 steps
-    python benchmarks/throughput.py --model XL --batch 64 # on a GPU
+    python benchmarks/throughput.py                        # CPU default: tiny and B at batch 1
+    python benchmarks/throughput.py --model XL H --batch 64 # a GPU (the default there)
 
-Random weights (speed does not depend on them). Each stage is timed separately after a warm-up;
-the median over repeats is reported, with the spread. One JSON record per configuration is
-appended to --results.
+Random weights (speed does not depend on them). Modes (--modes):
+    eager            reference ops, the pipeline's sampler (flow.sample)
+    fused            the Triton kernels, the pipeline's sampler                      [CUDA]
+    compiled         static sampler (fast_sampler.py), torch.compile'd generator forward
+                     (and decoder on CUDA; on CPU the decoder stays eager to bound compile time)
+    graph            compiled + the whole N-step loop as ONE CUDA graph             [CUDA]
+    fused-graph      Triton kernels, no Inductor, one CUDA graph                    [CUDA]
+    reduce-overhead  torch.compile(mode="reduce-overhead") forward                  [CUDA]
+Each stage (CLIP, text VAE, flow loop, decoder) is timed separately after a warm-up; the median
+batch time over --repeats is reported with its spread (min-max images/s). FLOPs per image come
+from flowtok_fast/perf/flops.py (FlopCounterMode: 2 FLOPs per multiply-accumulate of matmuls and
+attention); MFU divides the achieved FLOP rate by a ceiling MEASURED here on the same device: a
+large matmul (bf16 8192^3 on GPU, fp32 2048^3 on CPU), timed. The training step (--train-batch)
+runs forward + backward of the generator with the FlowTok objective (flow + alignment + KL) and
+an AdamW step on random latents and CLIP features; MFU counts model FLOPs (no recomputation).
+One JSON record per measured configuration is appended to --results; a table is printed.
 """
 from __future__ import annotations
 
@@ -23,10 +36,34 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from flowtok_fast.configs import get_config  # noqa: E402
+from flowtok_fast import fast_sampler, ops  # noqa: E402
+from flowtok_fast.configs import NUM_TOKENS, TOKEN_CHANNELS, get_config  # noqa: E402
+from flowtok_fast.perf import flops  # noqa: E402
 from flowtok_fast.pipeline import FlowTokPipeline, SamplingOptions  # noqa: E402
 
 STAGES = ("clip", "text_vae", "flow", "decoder")
+# mode -> (ops implementation, FastSampler mode or None for the pipeline's own sampler, compile)
+MODES = {
+    "eager": ("reference", None, False),
+    "fused": ("triton", None, False),
+    "compiled": ("reference", "compile", True),
+    "graph": ("reference", "graph", True),
+    "fused-graph": ("triton", "graph", False),
+    "reduce-overhead": ("reference", "reduce-overhead", True),
+}
+
+
+def skip_reason(mode: str, device: torch.device, model: str, default_modes: bool) -> str | None:
+    impl, sampler, _ = MODES[mode]
+    if device.type == "cuda":
+        return None
+    if impl == "triton":
+        return "Triton kernels need CUDA (on CPU they run only in the interpreter, for tests)"
+    if sampler in fast_sampler.CUDA_ONLY:
+        return "CUDA graphs need CUDA"
+    if sampler and default_modes and model.lower() != "tiny":
+        return "CPU default: compiling this size would exceed the 3-minute budget (ask with --modes compiled)"
+    return None
 
 
 def _sync(device: torch.device) -> None:
@@ -34,7 +71,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_stages(pipe: FlowTokPipeline, prompts: list[str], opts: SamplingOptions) -> dict[str, float]:
+def time_stages(pipe: FlowTokPipeline, prompts: list[str], opts: SamplingOptions, flow_fn, decode_fn) -> dict[str, float]:
     """Seconds per stage for one batch."""
     out, dev = {}, pipe.device
 
@@ -48,15 +85,18 @@ def time_stages(pipe: FlowTokPipeline, prompts: list[str], opts: SamplingOptions
 
     feats = timed("clip", lambda: pipe.encode_text(prompts))
     z = timed("text_vae", lambda: pipe.text_latents(feats, pipe.generator_rng(opts.seed)))
-    x = timed("flow", lambda: pipe.flow(z, opts))
-    timed("decoder", lambda: pipe.decode(x, feats))
+    x = timed("flow", lambda: flow_fn(z))
+    timed("decoder", lambda: decode_fn(x, feats))
     return out
 
 
 def commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent).stdout.strip()
+        return out + ("+dirty" if dirty else "")
     except OSError:
         return "unknown"
 
@@ -67,67 +107,223 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def run(model: str, batch: int, steps: int, cfg: float, resolution: int, repeats: int, device: str | None,
-        fused: bool) -> dict:
-    config = get_config(model, resolution)
-    pipe = FlowTokPipeline.random(config, device=device, fused_kernels=fused)
-    opts = SamplingOptions(steps=steps, cfg_scale=cfg)
-    prompts = [f"a photo of object number {i}" for i in range(batch)]
-    # warm-up: every code path once (allocator, kernels, autotuning); 2 steps are as good as 20
-    time_stages(pipe, prompts, SamplingOptions(steps=min(2, steps), cfg_scale=cfg))
-    runs = [time_stages(pipe, prompts, opts) for _ in range(repeats)]
-    totals = [sum(r.values()) for r in runs]
-    med = statistics.median(totals)
+def environment(device: torch.device) -> dict:
     import triton
 
-    return {
-        "benchmark": "throughput",
-        "model": config.name, "resolution": config.tokenizer.resolution, "batch": batch, "steps": steps,
-        "cfg": cfg, "dtype": str(pipe.dtype).removeprefix("torch."), "ops": "triton" if fused else "reference",
-        "device": device_name(pipe.device), "torch": torch.__version__, "triton": triton.__version__,
-        "commit": commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "images_per_s": batch / med,
-        "seconds_median": med, "seconds_min": min(totals), "seconds_max": max(totals), "repeats": repeats,
-        "stages_s": {s: statistics.median(r[s] for r in runs) for s in STAGES},
-    }
+    return {"device": device_name(device), "torch": torch.__version__, "triton": triton.__version__,
+            "commit": commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def measure_ceiling(device: torch.device, repeats: int = 5, n: int | None = None) -> dict:
+    """The matmul rate this device reaches here: bf16 8192^3 on CUDA, fp32 2048^3 on CPU (median)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    inner = 10 if device.type == "cuda" else 1
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            a @ b
+        _sync(device)
+        times.append((time.perf_counter() - t0) / inner)
+    return {"ceiling_tflops": 2 * n**3 / statistics.median(times) / 1e12, "ceiling_matmul": f"{str(dtype)[6:]} {n}^3"}
+
+
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def run_mode(pipe: FlowTokPipeline, mode: str, batch: int, steps: int, cfg: float, repeats: int) -> dict:
+    impl, sampler_mode, compile_ = MODES[mode]
+    pipe.set_fused_kernels(impl == "triton")
+    opts = SamplingOptions(steps=steps, cfg_scale=cfg)
+    prompts = [f"a photo of object number {i}" for i in range(batch)]
+    dev = pipe.device
+    _peak_reset(dev)
+    t0 = time.perf_counter()
+    if sampler_mode is None:
+        flow_fn, decode_fn = (lambda z: pipe.flow(z, opts)), pipe.decode
+        # warm-up: every code path once (allocator, kernels); 2 steps are as good as 20
+        time_stages(pipe, prompts, SamplingOptions(steps=min(2, steps), cfg_scale=cfg), flow_fn, decode_fn)
+    else:
+        flow_fn = fast_sampler.FastSampler(pipe.generator, batch, steps, cfg, mode=sampler_mode, dtype=pipe.dtype,
+                                           compile=compile_)
+        decode_fn = fast_sampler.decoder(pipe.tokenizer, pipe.dtype, compile=compile_ and dev.type == "cuda")
+        for _ in range(2):  # warm-up: compilation (static shapes), then CUDA graph trees record on the 2nd call
+            time_stages(pipe, prompts, opts, flow_fn, decode_fn)
+    setup_s = time.perf_counter() - t0
+    runs = [time_stages(pipe, prompts, opts, flow_fn, decode_fn) for _ in range(repeats)]
+    totals = [sum(r.values()) for r in runs]
+    med = statistics.median(totals)
+    stages = {s: statistics.median(r[s] for r in runs) for s in STAGES}
+    return {"mode": mode, "ops": impl, "images_per_s": batch / med, "seconds_median": med, "seconds_min": min(totals),
+            "seconds_max": max(totals), "repeats": repeats, "stages_s": stages, "setup_s": setup_s,
+            "peak_mem_gib": _peak_gib(dev)}
+
+
+def bench_inference(model: str, modes: list[str], batch: int, steps: int, cfg: float, resolution: int, repeats: int,
+                    device: str | None, ceiling: dict, env: dict, default_modes: bool = False) -> list[dict]:
+    config = get_config(model, resolution)
+    pipe = FlowTokPipeline.random(config, device=device)
+    e2e = flops.end_to_end(config, steps, cfg)
+    records = []
+    for mode in modes:
+        reason = skip_reason(mode, pipe.device, model, default_modes)
+        if reason:
+            records.append({"benchmark": "skipped", "model": config.name, "mode": mode, "reason": reason})
+            continue
+        print(f"measuring {model} {mode} ...", file=sys.stderr, flush=True)
+        r = run_mode(pipe, mode, batch, steps, cfg, repeats)
+        achieved = e2e["total"] * r["images_per_s"]
+        flow_rate = e2e["flow"] * batch / r["stages_s"]["flow"]
+        records.append({
+            "benchmark": "throughput", "model": config.name, "resolution": config.tokenizer.resolution, "batch": batch,
+            "steps": steps, "cfg": cfg, "dtype": str(pipe.dtype).removeprefix("torch."), **r, **env, **ceiling,
+            "flops_per_image": e2e["total"], "achieved_tflops": achieved / 1e12,
+            "mfu": achieved / (ceiling["ceiling_tflops"] * 1e12), "flow_mfu": flow_rate / (ceiling["ceiling_tflops"] * 1e12),
+        })
+    return records
+
+
+def _objective(generator):
+    try:
+        from flowtok_fast.objective import FlowTokObjective
+    except ImportError:  # not there yet: the same loss terms from perf/flops.py
+        return lambda feats, z: flops.train_loss(generator, feats, z)
+    objective = FlowTokObjective(generator)
+    return lambda feats, z: objective(feats, z)["loss"]
+
+
+def bench_train(model: str, batch: int, repeats: int, device: str | None, impl: str, recompute: str,
+                ceiling: dict, env: dict) -> dict:
+    """Samples/s and peak memory of one training step: forward + backward + AdamW, fp32 master
+    weights, bf16 autocast on CUDA, fp32 on CPU."""
+    from flowtok_fast.models.generator import FlowTokGenerator
+    from flowtok_fast.perf.planner import apply_recompute
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = get_config(model)
+    torch.manual_seed(0)
+    with dev:  # initialise on the device: a 1B-parameter init on the host takes a while
+        gen = FlowTokGenerator(config.generator, config.text_vae).train()
+    ops.use(gen, impl)
+    apply_recompute(gen, recompute)
+    loss_fn = _objective(gen)
+    opt = torch.optim.AdamW(gen.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.03,
+                            **({"fused": True} if dev.type == "cuda" else {}))
+    amp = dev.type == "cuda"
+    feats = torch.randn(batch, NUM_TOKENS, config.text_vae.width, device=dev)
+    z_img = torch.randn(batch, NUM_TOKENS, TOKEN_CHANNELS, device=dev)
+
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            loss = loss_fn(feats, z_img)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    print(f"measuring {model} training step (batch {batch}, ops {impl}, recompute {recompute}) ...", file=sys.stderr, flush=True)
+    _peak_reset(dev)
+    step()  # warm-up: allocator, optimizer state
+    times = []
+    for _ in range(repeats):
+        _sync(dev)
+        t0 = time.perf_counter()
+        step()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    model_flops = flops.train_flops(config)
+    return {"benchmark": "train", "model": config.name, "batch": batch, "ops": impl, "recompute": recompute,
+            "dtype": "bfloat16 autocast" if amp else "float32", "samples_per_s": batch / med, "seconds_median": med,
+            "seconds_min": min(times), "seconds_max": max(times), "repeats": repeats, "peak_mem_gib": _peak_gib(dev),
+            "train_flops_per_sample": model_flops, "mfu": model_flops * batch / med / (ceiling["ceiling_tflops"] * 1e12),
+            **env, **ceiling}
 
 
 def print_table(records: list[dict]) -> None:
-    head = f"{'model':>6} {'res':>4} {'batch':>5} {'steps':>5} {'ops':>9} {'img/s':>8} {'spread':>14} " + " ".join(f"{s:>9}" for s in STAGES)
-    print(head)
+    inf = [r for r in records if r["benchmark"] == "throughput"]
+    if inf:
+        print(f"{'model':>6} {'res':>4} {'batch':>5} {'steps':>5} {'mode':>15} {'img/s':>8} {'spread':>14} {'MFU':>6} "
+              f"{'peak GiB':>8} " + " ".join(f"{s:>9}" for s in STAGES))
+        for r in inf:
+            spread = f"{r['batch'] / r['seconds_max']:.3g}-{r['batch'] / r['seconds_min']:.3g}"
+            split = " ".join(f"{100 * r['stages_s'][s] / r['seconds_median']:8.1f}%" for s in STAGES)
+            peak = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+            print(f"{r['model']:>6} {r['resolution']:>4} {r['batch']:>5} {r['steps']:>5} {r['mode']:>15} "
+                  f"{r['images_per_s']:8.3g} {spread:>14} {100 * r['mfu']:5.1f}% {peak:>8} {split}")
     for r in records:
-        spread = f"{r['batch'] / r['seconds_max']:.3g}-{r['batch'] / r['seconds_min']:.3g}"
-        split = " ".join(f"{100 * r['stages_s'][s] / r['seconds_median']:8.1f}%" for s in STAGES)
-        print(f"{r['model']:>6} {r['resolution']:>4} {r['batch']:>5} {r['steps']:>5} {r['ops']:>9} "
-              f"{r['images_per_s']:8.3g} {spread:>14} {split}")
-    print(f"device: {records[0]['device']}; torch {records[0]['torch']}, triton {records[0]['triton']}, "
-          f"commit {records[0]['commit']}; stage columns are shares of the median batch time")
+        if r["benchmark"] == "skipped":
+            print(f"skipped {r['model']} {r['mode']}: {r['reason']}")
+    for r in records:
+        if r["benchmark"] == "train":
+            peak = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else "n/a on CPU"
+            print(f"train {r['model']}: batch {r['batch']}, ops {r['ops']}, recompute {r['recompute']}: "
+                  f"{r['samples_per_s']:.3g} samples/s ({r['batch'] / r['seconds_max']:.3g}-{r['batch'] / r['seconds_min']:.3g}), "
+                  f"MFU {100 * r['mfu']:.1f}%, peak {peak}")
+    measured = [r for r in records if r["benchmark"] != "skipped"]
+    if measured:
+        r = measured[0]
+        print(f"device: {r['device']}; torch {r['torch']}, triton {r['triton']}, commit {r['commit']}; "
+              f"ceiling {r['ceiling_tflops']:.3g} TFLOP/s ({r['ceiling_matmul']} matmul, measured); "
+              "stage columns are shares of the median batch time")
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> list[dict]:
     on_gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs="+", default=["XL", "H"] if on_gpu else ["tiny", "B"])
-    p.add_argument("--batch", type=int, default=64 if on_gpu else 2)
+    p.add_argument("--batch", type=int, default=64 if on_gpu else 1)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=2.0)
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5 if on_gpu else 2)
     p.add_argument("--device", default=None)
-    p.add_argument("--fused-kernels", action="store_true", help="also measure the Triton kernels (CUDA)")
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=None,
+                   help="default: all (on CPU the CUDA-only ones are skipped, and 'compiled' runs for tiny only)")
+    p.add_argument("--fused-kernels", action="store_true", help="also measure the Triton kernels (adds mode 'fused')")
+    p.add_argument("--train-batch", type=int, default=64 if on_gpu else 2, help="per-device batch of the training step; 0: none")
+    p.add_argument("--train-model", nargs="+", default=None,
+                   help="models for the training step (default: --model on CUDA, tiny on CPU)")
+    p.add_argument("--train-ops", choices=ops.IMPLS, default="reference")
+    p.add_argument("--recompute", default="none", help="training recompute policy (see flowtok_fast/perf/planner.py)")
+    p.add_argument("--train-only", action="store_true", help="only the training step")
+    p.add_argument("--ceiling-size", type=int, default=None, help="matmul size of the measured ceiling (default 8192 GPU, 2048 CPU)")
     p.add_argument("--results", default="results/throughput.jsonl", help="JSON lines file to append to")
     args = p.parse_args(argv)
 
+    dev = torch.device(args.device or ("cuda" if on_gpu else "cpu"))
+    env = environment(dev)
+    print("measuring the matmul ceiling ...", file=sys.stderr, flush=True)
+    ceiling = measure_ceiling(dev, n=args.ceiling_size)
     records = []
-    for model in args.model:
-        for fused in ([False, True] if args.fused_kernels else [False]):
-            print(f"measuring {model} (ops={'triton' if fused else 'reference'}) ...", file=sys.stderr, flush=True)
-            records.append(run(model, args.batch, args.steps, args.cfg, args.resolution, args.repeats, args.device, fused))
+    for model in [] if args.train_only else args.model:
+        modes = args.modes or list(MODES)
+        if args.fused_kernels and "fused" not in modes:
+            modes = modes + ["fused"]
+        records += bench_inference(model, modes, args.batch, args.steps, args.cfg, args.resolution, args.repeats,
+                                   args.device, ceiling, env, default_modes=args.modes is None)
+    if args.train_batch > 0:
+        for model in args.train_model or (args.model if dev.type == "cuda" else ["tiny"]):
+            records.append(bench_train(model, args.train_batch, args.repeats, args.device, args.train_ops,
+                                       args.recompute, ceiling, env))
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     with open(args.results, "a") as f:
         for r in records:
-            f.write(json.dumps(r) + "\n")
+            if r["benchmark"] != "skipped":
+                f.write(json.dumps(r) + "\n")
     print_table(records)
+    return records
 
 
 if __name__ == "__main__":

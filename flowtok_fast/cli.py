@@ -128,12 +128,6 @@ def cmd_train(args) -> None:
     sys.exit(train_main([args.config_file, *args.overrides]))
 
 
-def cmd_plan(args) -> None:
-    from flowtok_fast.perf.planner import main as plan_main
-
-    plan_main(args.planner_args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowtok-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,13 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100 lr=2e-4")
     tr.set_defaults(func=cmd_train)
 
-    pl = sub.add_parser("plan", help="memory/FLOP planner (see `flowtok-fast plan -- --help`)", add_help=False)
-    pl.add_argument("planner_args", nargs=argparse.REMAINDER)
-    pl.set_defaults(func=cmd_plan)
+    # listed for --help only: main() hands `plan ...` to the planner's own parser
+    sub.add_parser("plan", help="per-GPU memory and recomputation planner (flowtok-fast plan --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plan"]:  # the planner owns its whole argument list (and its --help)
+        from flowtok_fast.perf.planner import main as plan_main
+
+        return plan_main(argv[1:])
     args = build_parser().parse_args(argv)
     args.func(args)
 

@@ -1,0 +1,1 @@
+"""Performance tooling: FLOP counts (flops.py) and the training memory planner (planner.py)."""
