@@ -11,20 +11,9 @@ import contextlib
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from flowtok_fast import ops
-
-
-def _checkpoint_block(block: nn.Module) -> None:
-    # Recompute the block in backward instead of storing its activations. Overriding forward on
-    # the instance (rather than wrapping the module) keeps parameter names = checkpoint names.
-    inner = block.forward
-
-    def forward(*args, **kwargs):
-        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
-
-    block.forward = forward
+from flowtok_fast.perf.planner import apply_recompute
 
 
 def _temperature_1d(generator: nn.Module) -> None:
@@ -41,20 +30,22 @@ def parallelize(
     parallelism: str = "none",
     device: torch.device | str = "cpu",
     fused_kernels: bool = False,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool | str = False,
     compile_blocks: bool = False,
 ) -> nn.Module:
     """Apply the systems options to `objective` (a FlowTokObjective) and return the module to call.
 
+    `activation_checkpointing`: False/"none", True/"full" (recompute every block), or one of the
+    planner's selective policies ("pointwise", "attn", "qkv", "attn+qkv"; see perf/planner.py).
     The returned module is `objective` itself for "none" and "fsdp" (fully_shard works in place)
     and a DistributedDataParallel wrapper for "ddp". Parameters must already be on `device`.
     """
     generator = objective.generator
     _temperature_1d(generator)
     ops.use(generator, "triton" if fused_kernels else "reference")
+    policy = {True: "full", False: "none"}.get(activation_checkpointing, activation_checkpointing)
+    apply_recompute(generator, policy)  # overrides forward on the instances: parameter names stay
     for block in generator.blocks:
-        if activation_checkpointing:
-            _checkpoint_block(block)
         if compile_blocks:
             block.compile()
     if parallelism == "none":

@@ -1,0 +1,19 @@
+# The kernel tests build their tensors on the default device. On a GPU machine, run them with
+# TRITON_INTERPRET=0 and they exercise the compiled kernels on CUDA; on CPU the interpreter.
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _kernel_test_device():
+    on_gpu = os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.cuda.is_available()
+    if not on_gpu:
+        yield
+        return
+    torch.set_default_device("cuda")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
