@@ -181,15 +181,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     # listed for --help only: main() hands `plan ...` to the planner's own parser
     sub.add_parser("plan", help="per-GPU memory and recomputation planner (flowtok-fast plan --help)")
+    sub.add_parser("pretokenize", help="image+caption shards -> tokenizer moments shards (pretokenize --help)")
+    sub.add_parser("index-shards", help="write checked .idx files for webdataset shards (index-shards --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["plan"]:  # the planner owns its whole argument list (and its --help)
+    # verbs whose module owns its whole argument list (and its --help)
+    if argv[:1] == ["plan"]:
         from flowtok_fast.perf.planner import main as plan_main
 
         return plan_main(argv[1:])
+    if argv[:1] == ["pretokenize"]:
+        from flowtok_fast.train.pretokenize import main as pretokenize_main
+
+        sys.exit(pretokenize_main(argv[1:]))
+    if argv[:1] == ["index-shards"]:
+        from flowtok_fast.train.webdata import main as index_main
+
+        sys.exit(index_main(argv[1:]))
     args = build_parser().parse_args(argv)
     args.func(args)
 

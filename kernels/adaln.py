@@ -19,7 +19,6 @@ gradients (shift, scale, gate) are reduced over tokens without atomics: each pro
 chunk of rows of one sample into an fp32 partial, and torch sums the few partials, so results
 are deterministic.
 """
-import inspect
 from typing import Optional
 
 import torch
@@ -27,35 +26,20 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_device, interpreting, new_empty, next_pow2
+from ._common import PTR_TYPES as _TL
+from ._common import check_device, check_float, check_out_dtype, new_empty, next_pow2, signature
+# round_to lives in _common; it stays importable from here, where other kernel files found it.
+from ._common import round_to
 
 # One row is held in registers; DiT widths go up to 1280 (next_pow2 = 2048).
 _MAX_D = 4096
 # Rows of one sample reduced by one backward program (N = 77 -> 10 programs per sample).
 _BWD_ROWS = 8
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------
-# Triton's CPU interpreter converts fp32 -> bf16 by truncation, GPUs round to nearest even. The
-# kernels cast their outputs through round_to so that interpreter runs (our tests) give the
-# GPU's bits. Fixed at import, like @triton.jit itself; on a GPU the branch is not even emitted.
-_EMULATE_BF16_RNE = tl.constexpr(interpreting())
-
-
-@triton.jit
-def round_to(x, dtype: tl.constexpr):
-    """``x.to(dtype)`` with round-to-nearest-even also in the interpreter (shared by the
-    kernel files of this package)."""
-    if _EMULATE_BF16_RNE and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # NaN stays NaN
-    return x.to(dtype)
-
-
 @triton.jit
 def _adaln_fwd_kernel(
     X, Y, GATE, SHIFT, SCALE,  # inputs; Y/GATE read only with HAS_GATE, SHIFT/SCALE with HAS_LN
@@ -423,12 +407,10 @@ def _validate(op, x, y=None, gate=None, shift=None, scale=None, out_dtype=None):
         want = (B, N, D) if name in ("x", "y") else (B, D)
         if tuple(t.shape) != want:
             raise ValueError(f"{op}: expected {name} of shape {list(want)}, got {list(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{op}: expected {name} of dtype float32/bfloat16/float16, got {t.dtype}")
+        check_float(op, name, t)
         if t.device != x.device:
             raise ValueError(f"{op}: expected {name} on {x.device}, got {t.device}")
-    if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{op}: expected out_dtype float32/bfloat16/float16 or None, got {out_dtype}")
+    check_out_dtype(op, out_dtype)
     if not 1 <= D <= _MAX_D:
         raise ValueError(f"{op}: expected 1 <= D <= {_MAX_D} (a row is held in registers), got D={D}")
     check_device(*[t for t in named.values() if t is not None], op=op)
@@ -485,15 +467,6 @@ def gated_residual_ln_modulate_ref(x, y, gate, shift, scale, eps: float = 1e-6,
 # --------------------------------------------------------------------------------------------
 # Launch configurations at real shapes, for the GPU compile/spill test
 # --------------------------------------------------------------------------------------------
-_TL = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
-
-
-def _signature(fn, types):
-    """Orders ``types`` by the kernel's parameters; constexpr parameters map to "constexpr"."""
-    return {name: "constexpr" if p.annotation is tl.constexpr else types[name]
-            for name, p in inspect.signature(fn.fn).parameters.items()}
-
-
 def gpu_compile_configs():
     """One dict per kernel launch configuration used by the generators (XL: D 1152, H: D 1280)
     in the two dtype regimes: autocast (fp32 residual, bf16 activations and modulation, bf16
@@ -518,7 +491,7 @@ def gpu_compile_configs():
                 }
                 configs.append({
                     "name": f"adaln_fwd_{op}_{regime}_D{D}", "fn": _adaln_fwd_kernel,
-                    "signature": _signature(_adaln_fwd_kernel, fwd),
+                    "signature": signature(_adaln_fwd_kernel, fwd),
                     "constexprs": {"ROWS": tile_rows, "BLOCK_D": block, "HAS_GATE": has_gate,
                                    "HAS_LN": has_ln},
                     "num_warps": num_warps, "num_stages": 1,
@@ -536,7 +509,7 @@ def gpu_compile_configs():
                 }
                 configs.append({
                     "name": f"adaln_bwd_{op}_{regime}_D{D}", "fn": _adaln_bwd_kernel,
-                    "signature": _signature(_adaln_bwd_kernel, bwd),
+                    "signature": signature(_adaln_bwd_kernel, bwd),
                     "constexprs": {"ROWS": _BWD_ROWS, "TILE_ROWS": tile_rows, "BLOCK_D": block,
                                    "HAS_LN": has_ln, "HAS_GATE": has_gate, "HAS_DRES": has_gate},
                     "num_warps": bwd_warps, "num_stages": 1,

@@ -11,18 +11,15 @@ while the schedule tensors change between replays. Math runs in fp32 and is stor
 
 These ops mutate x and have no autograd (sampling runs under no_grad / inference_mode).
 """
-import inspect
 from typing import Optional, Union
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device
-from .adaln import round_to  # fp32 -> x's dtype, round-to-nearest also in the interpreter
+from ._common import check_device, check_float, round_to, signature
 
 _BLOCK, _NUM_WARPS = 1024, 4
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 Scalar = Union[float, torch.Tensor]
 
 
@@ -125,8 +122,7 @@ def _validate(op: str, x, v, n_branches: int):
     for name, t in (("x", x), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{op}: expected {name} to be a tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{op}: expected {name} of dtype float32/bfloat16/float16, got {t.dtype}")
+        check_float(op, name, t)
     if x.dim() < 1:
         raise ValueError(f"{op}: expected x of shape [B, ...], got {list(x.shape)}")
     want = [n_branches * x.shape[0], *x.shape[1:]]
@@ -171,12 +167,6 @@ def euler_step_ref(x: torch.Tensor, v: torch.Tensor, dt: Scalar) -> torch.Tensor
 # --------------------------------------------------------------------------------------------
 # Launch configurations at real shapes, for the GPU compile/spill test
 # --------------------------------------------------------------------------------------------
-def _signature(fn, types):
-    """Orders ``types`` by the kernel's parameters; constexpr parameters map to "constexpr"."""
-    return {name: "constexpr" if p.annotation is tl.constexpr else types[name]
-            for name, p in inspect.signature(fn.fn).parameters.items()}
-
-
 def gpu_compile_configs():
     """The sampler step at x [B, 77, 16] fp32 with bf16 or fp32 velocities, dt and scale as
     device tensors (CUDA-graph sampler) or as floats; with and without guidance."""
@@ -189,7 +179,7 @@ def gpu_compile_configs():
                 configs.append({
                     "name": f"{'cfg_' if cfg else ''}euler_step_{v_name}_{'tensor' if from_ptr else 'float'}",
                     "fn": _euler_step_kernel,
-                    "signature": _signature(_euler_step_kernel, types),
+                    "signature": signature(_euler_step_kernel, types),
                     "constexprs": {"CFG": cfg, "DT_PTR": from_ptr, "SCALE_PTR": from_ptr and cfg,
                                    "BLOCK": _BLOCK},
                     "num_warps": _NUM_WARPS, "num_stages": 1,

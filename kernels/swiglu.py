@@ -12,7 +12,6 @@ tanh and sigmoid are written with exp (tanh(z) = 2 sigmoid(2z) - 1) so the same 
 Triton's CPU interpreter; in particular gelu_tanh(u) = u * sigmoid(2 k (u + 0.044715 u^3)),
 which equals 0.5 u (1 + tanh(...)) without its cancellation for negative u.
 """
-import inspect
 from typing import Optional
 
 import torch
@@ -20,10 +19,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_device, new_empty
-from .adaln import round_to  # fp32 -> output dtype, round-to-nearest also in the interpreter
-
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from ._common import PTR_TYPES as _TL
+from ._common import check_device, check_out_dtype, new_empty, round_to, signature
+from ._common import check_float as _check_float  # fused_linear.py calls swiglu._check_float
 
 # Tiles: 4 rows x 512 features (2048 elements, 16 per thread with 4 warps).
 _BLOCK_M, _BLOCK_N, _NUM_WARPS = 4, 512, 4
@@ -237,11 +235,6 @@ _gelu_tanh_op.register_autograd(_gelu_tanh_backward, setup_context=_gelu_tanh_se
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
-def _check_float(op, name, t):
-    if t.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{op}: expected {name} of dtype float32/bfloat16/float16, got {t.dtype}")
-
-
 def swiglu(x12: torch.Tensor) -> torch.Tensor:
     """``silu(x1) * x2`` with x1 = x12[..., :h] (gate), x2 = x12[..., h:] (up): [..., 2h] -> [..., h]."""
     if not isinstance(x12, torch.Tensor) or x12.dim() < 1 or x12.shape[-1] % 2 != 0 or x12.shape[-1] == 0:
@@ -267,8 +260,7 @@ def gelu_tanh(x: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
         _check_float("gelu_tanh", "bias", bias)
         if bias.device != x.device:
             raise ValueError(f"gelu_tanh: expected bias on {x.device}, got {bias.device}")
-    if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"gelu_tanh: expected out_dtype float32/bfloat16/float16 or None, got {out_dtype}")
+    check_out_dtype("gelu_tanh", out_dtype)
     check_device(x, bias, op="gelu_tanh")
     if out_dtype is None:
         out_dtype = x.dtype if bias is None else torch.promote_types(x.dtype, bias.dtype)
@@ -292,15 +284,6 @@ def gelu_tanh_ref(x: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
 # --------------------------------------------------------------------------------------------
 # Launch configurations at real shapes, for the GPU compile/spill test
 # --------------------------------------------------------------------------------------------
-_TL = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
-
-
-def _signature(fn, types):
-    """Orders ``types`` by the kernel's parameters; constexpr parameters map to "constexpr"."""
-    return {name: "constexpr" if p.annotation is tl.constexpr else types[name]
-            for name, p in inspect.signature(fn.fn).parameters.items()}
-
-
 def gpu_compile_configs():
     """Launch configurations: SwiGLU (decoder h 2730, encoder h 2048; the tile does not depend
     on h) and tanh-GELU (generator fc1, 4D features) in bf16, the GELU also with an fp32 bias
@@ -311,12 +294,12 @@ def gpu_compile_configs():
         t = _TL[dt]
         configs.append({
             "name": f"swiglu_fwd_{dt_name}", "fn": _swiglu_fwd_kernel,
-            "signature": _signature(_swiglu_fwd_kernel, {"X12": t, "OUT": t, "M": "i32", "H": "i32"}),
+            "signature": signature(_swiglu_fwd_kernel, {"X12": t, "OUT": t, "M": "i32", "H": "i32"}),
             "constexprs": dict(blocks), "num_warps": _NUM_WARPS, "num_stages": 1,
         })
         configs.append({
             "name": f"swiglu_bwd_{dt_name}", "fn": _swiglu_bwd_kernel,
-            "signature": _signature(_swiglu_bwd_kernel,
+            "signature": signature(_swiglu_bwd_kernel,
                                     {"GRAD": t, "X12": t, "DX12": t, "M": "i32", "H": "i32"}),
             "constexprs": dict(blocks), "num_warps": _NUM_WARPS, "num_stages": 1,
         })
@@ -327,13 +310,13 @@ def gpu_compile_configs():
                                           ("bf16_nobias", bf16, bf16, bf16, False)):
         configs.append({
             "name": f"gelu_tanh_fwd_{name}", "fn": _gelu_fwd_kernel,
-            "signature": _signature(_gelu_fwd_kernel, {"X": x_t, "BIAS": b_t, "OUT": o_t,
+            "signature": signature(_gelu_fwd_kernel, {"X": x_t, "BIAS": b_t, "OUT": o_t,
                                                        "M": "i32", "NF": "i32"}),
             "constexprs": {"HAS_BIAS": has_bias, **blocks}, "num_warps": _NUM_WARPS, "num_stages": 1,
         })
         configs.append({
             "name": f"gelu_tanh_bwd_{name}", "fn": _gelu_bwd_kernel,
-            "signature": _signature(_gelu_bwd_kernel, {"GRAD": o_t, "X": x_t, "BIAS": b_t, "DX": x_t,
+            "signature": signature(_gelu_bwd_kernel, {"GRAD": o_t, "X": x_t, "BIAS": b_t, "DX": x_t,
                                                        "DBIAS_PART": f32 if has_bias else x_t,
                                                        "M": "i32", "NF": "i32"}),
             "constexprs": {"HAS_BIAS": has_bias, "ROWS": _BIAS_ROWS, **blocks},

@@ -15,7 +15,7 @@ from flowtok_fast.objective import DIRECTIONS, KL_FORMS, LossWeights
 
 PARALLELISMS = ("none", "ddp", "fsdp")
 PRECISIONS = ("auto", "bf16", "fp32")
-DATA_SOURCES = ("synthetic",)
+DATA_SOURCES = ("synthetic", "webdataset", "dali", "pretokenized")
 DATA_KINDS = ("moments", "pixels")
 
 
@@ -58,9 +58,15 @@ class TrainConfig:
     resume: str = "auto"  # auto (latest in output_dir/checkpoints) | none | a checkpoint directory
     progress: bool = True  # tqdm bar on rank 0
     # data (see flowtok_fast/train/data.py for the batch contract)
+    # data_source: synthetic | webdataset (image + caption shards, PyTorch loader; data_kind=pixels)
+    #   | dali (the same shards through NVIDIA DALI; data_kind=pixels)
+    #   | pretokenized (moments + caption shards from `flowtok-fast pretokenize`; data_kind=moments)
     data_source: str = "synthetic"
     data_kind: str = "moments"  # moments [B,32,1,77] | pixels [B,3,H,W]
     data_size: int = 1024  # synthetic dataset length
+    data_path: str | None = None  # shards: a directory, a glob, a brace pattern, or several joined by '::'
+    data_workers: int = 4  # loader processes per training process (dali: decoding threads)
+    data_index_dir: str | None = None  # shard .idx files if not beside the shards (dali writes missing ones)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -71,6 +77,14 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r}: expected one of {allowed}")
+        if self.data_source != "synthetic":
+            if not self.data_path:
+                raise ValueError(f"data_source={self.data_source} needs data_path: a directory, glob or brace pattern of .tar shards")
+            kind = "moments" if self.data_source == "pretokenized" else "pixels"
+            if self.data_kind != kind:
+                raise ValueError(f"data_source={self.data_source} gives {kind}: set data_kind={kind}")
+        if self.data_workers < 0:
+            raise ValueError(f"data_workers must be >= 0, got {self.data_workers}")
         for key in ("global_batch", "micro_batch", "steps", "log_interval", "ckpt_interval"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")

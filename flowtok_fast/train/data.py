@@ -8,6 +8,8 @@ A batch is a dict with
            then logvar (16..31), as pretokenisation stores it.
 Extra keys are ignored. A source yields, for every optimizer step, this process's micro-batches
 in order and can save and restore its position, so a resumed run sees exactly the same data.
+`build_source` picks the source named by the config: synthetic (below), webdataset and
+pretokenized shards (webdata.py), or DALI (dali_pipeline.py).
 """
 from __future__ import annotations
 
@@ -120,3 +122,26 @@ class ShardedBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+
+def build_source(cfg, model_cfg, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu"):
+    """The data source of a TrainConfig: an object with grad_accum, next_step(), state_dict() and
+    load_state_dict() (see ShardedBatches)."""
+    device = torch.device(device)
+    args = dict(global_batch=cfg.global_batch, micro_batch=cfg.micro_batch, rank=rank, world_size=world_size, seed=cfg.seed)
+    if cfg.data_source == "synthetic":
+        dataset = SyntheticDataset(cfg.data_size, cfg.data_kind, model_cfg.tokenizer.resolution, cfg.seed, model_cfg.clip.vocab_size)
+        return ShardedBatches(dataset, **args)
+    if cfg.data_source in ("webdataset", "pretokenized"):
+        from flowtok_fast.train.webdata import WebDatasetSource
+
+        kind = "moments" if cfg.data_source == "pretokenized" else "pixels"
+        return WebDatasetSource(cfg.data_path, kind, resolution=model_cfg.tokenizer.resolution, num_workers=cfg.data_workers,
+                                index_dir=cfg.data_index_dir, pin_memory=device.type == "cuda", progress=cfg.progress, **args)
+    if cfg.data_source == "dali":
+        from flowtok_fast.train.dali_pipeline import DaliSource
+
+        device_id = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else None
+        return DaliSource(cfg.data_path, resolution=model_cfg.tokenizer.resolution, device_id=device_id,
+                          num_threads=max(1, cfg.data_workers), index_dir=cfg.data_index_dir, progress=cfg.progress, **args)
+    raise ValueError(f"unknown data_source {cfg.data_source!r}")

@@ -29,7 +29,7 @@ from flowtok_fast.models.generator import FlowTokGenerator
 from flowtok_fast.objective import LOSS_TERMS, FlowTokObjective
 from flowtok_fast.train import checkpoint as train_ckpt
 from flowtok_fast.train.config import TrainConfig
-from flowtok_fast.train.data import ShardedBatches, SyntheticDataset
+from flowtok_fast.train.data import ShardedBatches, build_source
 from flowtok_fast.train.ema import EMA
 from flowtok_fast.train.frozen import build_frozen
 from flowtok_fast.train.parallelize import grad_sync, parallelize
@@ -94,9 +94,10 @@ class Trainer:
             fused=True if cuda else None, foreach=None if cuda else True,
         )
         self.ema = EMA(generator, cfg.ema_decay)
-        if dataset is None:
-            dataset = SyntheticDataset(cfg.data_size, cfg.data_kind, model_cfg.tokenizer.resolution, cfg.seed, model_cfg.clip.vocab_size)
-        self.data = ShardedBatches(dataset, cfg.global_batch, cfg.micro_batch, self.rank, self.world_size, cfg.seed)
+        if dataset is None:  # the configured source: synthetic, webdataset, dali or pretokenized shards
+            self.data = build_source(cfg, model_cfg, self.rank, self.world_size, self.device)
+        else:
+            self.data = ShardedBatches(dataset, cfg.global_batch, cfg.micro_batch, self.rank, self.world_size, cfg.seed)
         self.step = 0  # optimizer steps completed
         self.history: list[dict] = []  # this run's per-step metrics
         self.output_dir = Path(cfg.output_dir)
