@@ -45,7 +45,10 @@ class TrainConfig:
     # systems
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     parallelism: str = "none"  # none | ddp | fsdp
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # shorthand for recompute=full
+    # recompute in backward: none | pointwise | attn | qkv | attn+qkv | full (per block);
+    # `flowtok-fast plan` picks the cheapest that fits the GPU memory
+    recompute: str = "none"
     compile_blocks: bool = False
     fused_kernels: bool = False
     # run
@@ -83,6 +86,12 @@ class TrainConfig:
             kind = "moments" if self.data_source == "pretokenized" else "pixels"
             if self.data_kind != kind:
                 raise ValueError(f"data_source={self.data_source} gives {kind}: set data_kind={kind}")
+        from flowtok_fast.perf.planner import POLICIES
+
+        if self.recompute not in POLICIES:
+            raise ValueError(f"recompute={self.recompute!r}: expected one of {list(POLICIES)}")
+        if self.activation_checkpointing and self.recompute == "none":
+            self.recompute = "full"
         if self.data_workers < 0:
             raise ValueError(f"data_workers must be >= 0, got {self.data_workers}")
         for key in ("global_batch", "micro_batch", "steps", "log_interval", "ckpt_interval"):

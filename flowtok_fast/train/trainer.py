@@ -85,7 +85,7 @@ class Trainer:
         self.objective = FlowTokObjective(generator, cfg.loss_weights(), cfg.direction).to(self.device)
         self.model = parallelize(
             self.objective, cfg.parallelism, self.device,
-            cfg.fused_kernels, cfg.activation_checkpointing, cfg.compile_blocks,
+            cfg.fused_kernels, cfg.recompute, cfg.compile_blocks,
         )
         cuda = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(

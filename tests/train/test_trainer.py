@@ -76,10 +76,11 @@ def test_sigterm_saves_and_returns(tmp_path, tiny_run):
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
-def test_activation_checkpointing_gives_the_same_steps(tmp_path, tiny_run):
+@pytest.mark.parametrize("policy", [{"activation_checkpointing": True}, {"recompute": "attn"}, {"recompute": "qkv"}])
+def test_recomputation_gives_the_same_steps(tmp_path, tiny_run, policy):
     runs = []
-    for ac in (False, True):
-        t = Trainer(TrainConfig(**{**tiny_run, "steps": 2, "activation_checkpointing": ac, "output_dir": str(tmp_path / str(ac))}), device="cpu")
+    for extra in ({}, policy):
+        t = Trainer(TrainConfig(**{**tiny_run, "steps": 2, **extra, "output_dir": str(tmp_path / str(len(runs)))}), device="cpu")
         runs.append(([h["loss"] for h in t.train()], _weights(t)))
     assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-6)
     for k in runs[0][1]:
