@@ -21,7 +21,7 @@ from flowtok_fast.models.text import TextVAE
 
 DIRECTIONS = ("t2i", "i2t")
 KL_FORMS = ("reference", "per_sample")
-LOSS_TERMS = ("loss", "flow", "align", "kl")  # the keys of FlowTokObjective's output, total first
+LOSS_TERMS = ("loss", "flow", "align", "kl", "text_dec")  # the keys of FlowTokObjective's output, total first
 
 
 # ---------------------------------------------------------------- the pieces, each testable alone
@@ -99,6 +99,7 @@ class LossWeights:
     kl: float | None = None  # None: 0.01 for t2i (the reference code; the paper writes 1e-4), 0.0 for i2t
     kl_form: str = "reference"
     cfg_prob: float = 0.1
+    text_dec: float = 1.0  # text decoder cross-entropy (image-to-text training with a decoder)
 
     def resolved(self, direction: str) -> "LossWeights":
         t2i = direction == "t2i"
@@ -108,6 +109,7 @@ class LossWeights:
             kl=self.kl if self.kl is not None else (0.01 if t2i else 0.0),
             kl_form=self.kl_form,
             cfg_prob=self.cfg_prob,
+            text_dec=self.text_dec,
         )
 
 
@@ -119,7 +121,8 @@ class FlowTokObjective(nn.Module):
     wrapped forward. Gradients reach the text VAE through z_text.
     """
 
-    def __init__(self, generator: nn.Module, weights: LossWeights = LossWeights(), direction: str = "t2i"):
+    def __init__(self, generator: nn.Module, weights: LossWeights = LossWeights(), direction: str = "t2i",
+                 text_decoder: nn.Module | None = None):
         super().__init__()
         if direction not in DIRECTIONS:
             raise ValueError(f"unknown direction '{direction}': expected one of {DIRECTIONS}")
@@ -128,10 +131,13 @@ class FlowTokObjective(nn.Module):
         if not 0.0 <= weights.cfg_prob <= 1.0:
             raise ValueError(f"cfg_prob must be in [0, 1], got {weights.cfg_prob}")
         self.generator = generator
+        # image-to-text: the decoder Z_T -> CLIP ids trains jointly on the text VAE's latents (an
+        # autoencoder that keeps Z_T informative while the flow learns to reach it)
+        self.text_decoder = text_decoder
         self.direction = direction
         self.weights = weights.resolved(direction)
 
-    def forward(self, clip_feats: torch.Tensor, z_img: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, clip_feats: torch.Tensor, z_img: torch.Tensor, ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         check_latents(z_img, "z_img")
         if clip_feats.dim() != 3 or clip_feats.shape[:2] != z_img.shape[:2]:
             raise ValueError(f"clip_feats must be [{z_img.shape[0]}, {z_img.shape[1]}, width], got {tuple(clip_feats.shape)}")
@@ -148,6 +154,11 @@ class FlowTokObjective(nn.Module):
 
         align = alignment_loss(z_text, gen.context_projector(clip_feats), gen.t2t_temperature)
         kl = kl_loss(mu, logvar, w.kl_form)
+        text_dec = torch.zeros((), device=device)
+        if self.text_decoder is not None:
+            if ids is None:
+                raise ValueError("training with a text decoder needs the caption ids [B, 77]")
+            text_dec = self.text_decoder.loss(z_text, ids.to(device))
         # every term is computed (and reaches every parameter) even at weight 0: DDP requires it
-        total = w.flow * flow + w.align * align + w.kl * kl
-        return {"loss": total, "flow": flow, "align": align, "kl": kl}
+        total = w.flow * flow + w.align * align + w.kl * kl + w.text_dec * text_dec
+        return {"loss": total, "flow": flow, "align": align, "kl": kl, "text_dec": text_dec}

@@ -42,6 +42,8 @@ class TrainConfig:
     kl_weight: float | None = None  # None: 0.01 (t2i) / 0.0 (i2t)
     kl_form: str = "reference"  # reference (sum over the local batch) | per_sample
     cfg_prob: float = 0.1
+    text_decoder: bool = True  # image-to-text: train the Z_T -> CLIP ids decoder jointly
+    text_dec_weight: float = 1.0
     # systems
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     parallelism: str = "none"  # none | ddp | fsdp
@@ -104,7 +106,8 @@ class TrainConfig:
         get_config(self.model, self.resolution)  # unknown model or resolution: a clear error now
 
     def loss_weights(self) -> LossWeights:
-        return LossWeights(self.flow_weight, self.align_weight, self.kl_weight, self.kl_form, self.cfg_prob)
+        return LossWeights(self.flow_weight, self.align_weight, self.kl_weight, self.kl_form, self.cfg_prob,
+                           self.text_dec_weight)
 
     def grad_accum(self, world_size: int) -> int:
         per_step = self.micro_batch * world_size

@@ -62,7 +62,7 @@ class FrozenEncoders(nn.Module):
     @torch.no_grad()
     def forward(self, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         validate_batch(batch)
-        ids = batch["ids"] if "ids" in batch else tokenize(list(batch["text"]))
+        ids = caption_ids(batch)
         feats = self.clip(ids.to(device, non_blocking=True))
         if "moments" in batch:
             moments = batch["moments"].to(device, non_blocking=True)
@@ -71,6 +71,11 @@ class FrozenEncoders(nn.Module):
                 raise ValueError("the batch has 'pixels' but no image encoder was built: set data_kind=pixels (and tokenizer_weights)")
             moments = self.image(batch["pixels"].to(device, non_blocking=True))
         return feats, latents_from_moments(moments)
+
+
+def caption_ids(batch: dict) -> torch.Tensor:
+    """The batch's CLIP token ids [B, 77]: given, or tokenised from its captions."""
+    return batch["ids"] if "ids" in batch else tokenize(list(batch["text"]))
 
 
 def build_frozen(cfg: FlowTokConfig, clip_weights: str | None, tokenizer_weights: str | None, with_image: bool) -> FrozenEncoders:

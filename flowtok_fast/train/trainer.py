@@ -26,12 +26,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from flowtok_fast.configs import get_config
 from flowtok_fast.models.generator import FlowTokGenerator
+from flowtok_fast.models.text import TextDecoder
 from flowtok_fast.objective import LOSS_TERMS, FlowTokObjective
 from flowtok_fast.train import checkpoint as train_ckpt
 from flowtok_fast.train.config import TrainConfig
 from flowtok_fast.train.data import ShardedBatches, build_source
 from flowtok_fast.train.ema import EMA
-from flowtok_fast.train.frozen import build_frozen
+from flowtok_fast.train.frozen import build_frozen, caption_ids
 from flowtok_fast.train.parallelize import grad_sync, parallelize
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,10 @@ class Trainer:
         self.frozen = build_frozen(model_cfg, cfg.clip_weights, cfg.tokenizer_weights, cfg.data_kind == "pixels").to(self.device)
         torch.manual_seed(cfg.seed)
         generator = FlowTokGenerator(model_cfg.generator, model_cfg.text_vae)
-        self.objective = FlowTokObjective(generator, cfg.loss_weights(), cfg.direction).to(self.device)
+        decoder = None
+        if cfg.direction == "i2t" and cfg.text_decoder:
+            decoder = TextDecoder(model_cfg.text_vae, model_cfg.clip.vocab_size)
+        self.objective = FlowTokObjective(generator, cfg.loss_weights(), cfg.direction, decoder).to(self.device)
         self.model = parallelize(
             self.objective, cfg.parallelism, self.device,
             cfg.fused_kernels, cfg.recompute, cfg.compile_blocks,
@@ -165,7 +169,8 @@ class Trainer:
             with grad_sync(self.model, m == len(micro_batches) - 1):
                 with self.autocast():
                     feats, z_img = self.frozen(batch, self.device)
-                    losses = self.model(feats, z_img)
+                    ids = caption_ids(batch) if self.objective.text_decoder is not None else None
+                    losses = self.model(feats, z_img, ids)
                 (losses["loss"] / self.grad_accum).backward()
             sums += torch.stack([losses[k].detach().float() for k in LOSS_TERMS])
         if self.world_size > 1:
