@@ -7,6 +7,16 @@ import torch
 
 
 @pytest.fixture(autouse=True)
+def fresh_seed():
+    """Fresh random inputs every run (a kernel must be right on any valid input); the seed is
+    printed so a failure can be replayed with torch.manual_seed."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    print(f"seed {seed}")
+    yield seed
+
+
+@pytest.fixture(autouse=True)
 def _kernel_test_device():
     on_gpu = os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.cuda.is_available()
     if not on_gpu:

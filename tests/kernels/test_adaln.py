@@ -6,7 +6,6 @@ are fresh each run (the seed is printed, so pytest shows it on failure); kernel 
 NaN-poisoned so an unwritten element fails. Modulation vectors are chunks of one [B, 6D] tensor,
 as in the model, so they are strided views.
 """
-import os
 
 import pytest
 import torch
@@ -24,14 +23,6 @@ REGIMES = [
 ]
 SHAPES = [(1, 77, 1152), (3, 77, 200), (1, 410, 75)]
 CHUNKS = ("shift", "scale", "gate")  # slot order inside the [B, 3D] modulation tensor
-
-
-@pytest.fixture(autouse=True)
-def fresh_seed():
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    print(f"seed {seed}")
-    yield seed
 
 
 def _inputs(B, N, D, x_dtype, mod_dtype):

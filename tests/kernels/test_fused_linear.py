@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from flowtok_fast.kernels import fused_linear as fl
-from .utils import assert_within_ref_error, poisoned_outputs
+from .utils import assert_within_ref_error, poisoned_outputs, saved_bytes
 
 
 def _grads(fn, inputs, lin, grad_outs):
@@ -55,30 +55,18 @@ def test_gelu_and_swiglu_linears(dtype):
     _check(fl.swiglu_linear, fl.swiglu_linear_ref, lambda: [torch.randn(1, 41, 2 * 2730)], nn.Linear(2730, 24), dtype)
 
 
-def _saved_bytes(fn):
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 def test_fused_linears_save_only_the_input_not_the_activation():
     B, N, D, F = 2, 77, 64, 256
     # shift and scale come from the adaLN Linear in training, so they need gradients too
     x, shift, scale = (torch.randn(s, requires_grad=True) for s in ((B, N, D), (B, D), (B, D)))
     lin = nn.Linear(D, F)
-    fused = _saved_bytes(lambda: fl.modulated_linear(x, shift, scale, lin))
-    ref = _saved_bytes(lambda: fl.modulated_linear_ref(x, shift, scale, lin))
+    fused = saved_bytes(lambda: fl.modulated_linear(x, shift, scale, lin))
+    ref = saved_bytes(lambda: fl.modulated_linear_ref(x, shift, scale, lin))
     act = B * N * D * 4
     assert ref - fused >= 2 * act - 1024  # the reference keeps the normalised and modulated copies
     a, lin2 = torch.randn(B, N, F, requires_grad=True), nn.Linear(F, D)
-    fused = _saved_bytes(lambda: fl.gelu_linear(a, lin2))
-    ref = _saved_bytes(lambda: fl.gelu_linear_ref(a, lin2))
+    fused = saved_bytes(lambda: fl.gelu_linear(a, lin2))
+    ref = saved_bytes(lambda: fl.gelu_linear_ref(a, lin2))
     assert ref - fused >= B * N * F * 4  # the GELU output is recomputed, not kept
 
 

@@ -11,7 +11,7 @@ from flowtok_fast.models.generator import DiTBlock, FlowTokGenerator
 from flowtok_fast.models.tokenizer import Block, FlowTiTok
 from flowtok_fast.models.rope import rope_2d_tables
 
-from .utils import assert_within_ref_error, poisoned_outputs
+from .utils import assert_within_ref_error, poisoned_outputs, saved_bytes
 
 
 def _randomise(model):
@@ -94,19 +94,6 @@ def test_compile_fullgraph_over_a_block_with_fused_ops(which):
     out_e.sum().backward()
     torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad_c, inputs[0].grad, atol=1e-5, rtol=1e-5)
-
-
-def saved_bytes(fn) -> int:
-    """Unique storage bytes autograd keeps for backward while running fn."""
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 def block_saved_bytes(block, inputs, impl: str) -> int:

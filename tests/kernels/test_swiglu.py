@@ -5,7 +5,6 @@ same-precision PyTorch reference plus a small atol, for the output and every gra
 are fresh each run (the seed is printed, so pytest shows it on failure); kernel outputs are
 NaN-poisoned so an unwritten element fails.
 """
-import os
 
 import pytest
 import torch
@@ -14,14 +13,6 @@ from flowtok_fast.kernels import swiglu as sw
 from .utils import assert_within_ref_error, poisoned_outputs
 
 F32, BF16 = torch.float32, torch.bfloat16
-
-
-@pytest.fixture(autouse=True)
-def fresh_seed():
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    print(f"seed {seed}")
-    yield seed
 
 
 def _leaves(tensors, dtype=None):

@@ -37,3 +37,16 @@ def poisoned_outputs():
         yield
     finally:
         _common.POISON_OUTPUTS = old
+
+
+def saved_bytes(fn) -> int:
+    """Unique storage bytes autograd keeps for backward while running fn."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
