@@ -1,6 +1,6 @@
 """Training memory planner: will a model size and per-GPU batch fit, and at what recompute cost?
 
-    flowtok-fast plan -- --model H --global-batch 8192 --gpus 8 --gpu-mem 80
+    flowtok-fast plan --model H --global-batch 8192 --gpus 8 --gpu-mem 80
     python -m flowtok_fast.perf.planner --model H --global-batch 8192 --gpus 8 --gpu-mem 80
 
 Per GPU (sizes in GiB; --gpu-mem is read as GiB):
