@@ -19,13 +19,15 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, default=256, help="tokenizer resolution for --random-weights")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--fused-kernels", action="store_true", help="use the Triton kernels (CUDA)")
+    p.add_argument("--mode", default="eager", choices=("eager", "compile", "graph", "reduce-overhead"),
+                   help="sampler: eager, compile (torch.compile), graph (CUDA: the whole loop as one CUDA graph)")
 
 
 def load_pipeline(args):
     from flowtok_fast.configs import get_config
     from flowtok_fast.pipeline import FlowTokPipeline
 
-    kw = dict(device=args.device, fused_kernels=args.fused_kernels)
+    kw = dict(device=args.device, fused_kernels=args.fused_kernels, sampler_mode=args.mode)
     if args.model_dir:
         return FlowTokPipeline.from_pretrained(args.model_dir, **kw)
     official = (args.checkpoint, args.tokenizer, args.clip)

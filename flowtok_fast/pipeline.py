@@ -43,6 +43,7 @@ class FlowTokPipeline:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         fused_kernels: bool = False,
+        sampler_mode: str = "eager",
     ):
         self.config = config
         self.device = torch.device(device) if device is not None else default_device()
@@ -51,6 +52,15 @@ class FlowTokPipeline:
         self.generator = generator.to(self.device).eval().requires_grad_(False)
         self.tokenizer = tokenizer.to(self.device).eval().requires_grad_(False)
         self.set_fused_kernels(fused_kernels)
+        # "eager": flow.sample; "compile" | "graph" | "reduce-overhead": the static sampler of
+        # fast_sampler.py (compiled forward; on CUDA the whole loop as one graph), built once per
+        # (batch, steps, scale, grid) and reused
+        from flowtok_fast.fast_sampler import MODES
+
+        if sampler_mode not in MODES:
+            raise ValueError(f"unknown sampler mode '{sampler_mode}': expected one of {MODES}")
+        self.sampler_mode = sampler_mode
+        self._fast_samplers = {}
 
     # ------------------------------------------------------------ construction
 
@@ -108,6 +118,7 @@ class FlowTokPipeline:
         for module in (self.generator, self.tokenizer):
             ops.use(module, impl)
         self.fused_kernels = enabled
+        self._fast_samplers = {}  # they captured the previous ops
 
     # ------------------------------------------------------------ stages
 
@@ -132,6 +143,14 @@ class FlowTokPipeline:
 
     @torch.no_grad()
     def flow(self, z_text: torch.Tensor, opts: SamplingOptions, progress: bool = False) -> torch.Tensor:
+        if self.sampler_mode != "eager" and opts.method == "euler":
+            from flowtok_fast.fast_sampler import FastSampler
+
+            key = (z_text.shape[0], opts.steps, opts.cfg_scale, opts.grid)
+            if key not in self._fast_samplers:
+                self._fast_samplers[key] = FastSampler(self.generator, z_text.shape[0], opts.steps, opts.cfg_scale,
+                                                       opts.grid, self.sampler_mode, self.dtype)
+            return self._fast_samplers[key](z_text)
         with self.autocast():
             return flow.sample(self.generator, z_text, opts.steps, opts.cfg_scale, opts.method, opts.grid, progress)
 

@@ -89,3 +89,14 @@ def test_cli_convert_official_files_then_generate(tmp_path, pipe):
     assert torch.equal(a, b)
     with pytest.raises(FileNotFoundError, match="--checkpoint"):
         cli_main(["convert", "--checkpoint", str(tmp_path / "no.pth"), "--tokenizer", "t", "--clip", "c", "--out", str(tmp_path / "o")])
+
+
+def test_compiled_sampler_mode_matches_eager(pipe):
+    prompts = ["a red circle", "a blue square", "a green star"]
+    eager = pipe(prompts, steps=3, seed=5, output="tensor")
+    fast = FlowTokPipeline(pipe.config, pipe.clip, pipe.generator, pipe.tokenizer, device="cpu", sampler_mode="compile")
+    out = fast(prompts, steps=3, seed=5, output="tensor")
+    torch.testing.assert_close(out, eager, atol=1e-4, rtol=0)
+    assert len(fast._fast_samplers) == 1
+    with pytest.raises(ValueError, match="sampler mode"):
+        FlowTokPipeline(pipe.config, pipe.clip, pipe.generator, pipe.tokenizer, device="cpu", sampler_mode="fast")
