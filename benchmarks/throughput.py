@@ -53,7 +53,7 @@ MODES = {
 }
 
 
-def skip_reason(mode: str, device: torch.device, model: str, default_modes: bool) -> str | None:
+def skip_reason(mode: str, device: torch.device) -> str | None:
     impl, sampler, _ = MODES[mode]
     if device.type == "cuda":
         return None
@@ -61,8 +61,6 @@ def skip_reason(mode: str, device: torch.device, model: str, default_modes: bool
         return "Triton kernels need CUDA (on CPU they run only in the interpreter, for tests)"
     if sampler in fast_sampler.CUDA_ONLY:
         return "CUDA graphs need CUDA"
-    if sampler and default_modes and model.lower() != "tiny":
-        return "CPU default: compiling this size would exceed the 3-minute budget (ask with --modes compiled)"
     return None
 
 
@@ -172,13 +170,13 @@ def run_mode(pipe: FlowTokPipeline, mode: str, batch: int, steps: int, cfg: floa
 
 
 def bench_inference(model: str, modes: list[str], batch: int, steps: int, cfg: float, resolution: int, repeats: int,
-                    device: str | None, ceiling: dict, env: dict, default_modes: bool = False) -> list[dict]:
+                    device: str | None, ceiling: dict, env: dict) -> list[dict]:
     config = get_config(model, resolution)
     pipe = FlowTokPipeline.random(config, device=device)
     e2e = flops.end_to_end(config, steps, cfg)
     records = []
     for mode in modes:
-        reason = skip_reason(mode, pipe.device, model, default_modes)
+        reason = skip_reason(mode, pipe.device)
         if reason:
             records.append({"benchmark": "skipped", "model": config.name, "mode": mode, "reason": reason})
             continue
@@ -262,6 +260,11 @@ def print_table(records: list[dict]) -> None:
             peak = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
             print(f"{r['model']:>6} {r['resolution']:>4} {r['batch']:>5} {r['steps']:>5} {r['mode']:>15} "
                   f"{r['images_per_s']:8.3g} {spread:>14} {100 * r['mfu']:5.1f}% {peak:>8} {split}")
+        # every mode against the eager reference path of the same model, measured in this run
+        eager = {r["model"]: r["images_per_s"] for r in inf if r["mode"] == "eager"}
+        for r in inf:
+            if r["mode"] != "eager" and r["model"] in eager:
+                print(f"{r['model']} {r['mode']} vs eager: x{r['images_per_s'] / eager[r['model']]:.2f}")
     for r in records:
         if r["benchmark"] == "skipped":
             print(f"skipped {r['model']} {r['mode']}: {r['reason']}")
@@ -290,7 +293,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--repeats", type=int, default=5 if on_gpu else 2)
     p.add_argument("--device", default=None)
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=None,
-                   help="default: all (on CPU the CUDA-only ones are skipped, and 'compiled' runs for tiny only)")
+                   help="default: all (on CPU the CUDA-only ones are skipped with the reason)")
     p.add_argument("--fused-kernels", action="store_true", help="also measure the Triton kernels (adds mode 'fused')")
     p.add_argument("--train-batch", type=int, default=64 if on_gpu else 2, help="per-device batch of the training step; 0: none")
     p.add_argument("--train-model", nargs="+", default=None,
@@ -312,7 +315,7 @@ def main(argv=None) -> list[dict]:
         if args.fused_kernels and "fused" not in modes:
             modes = modes + ["fused"]
         records += bench_inference(model, modes, args.batch, args.steps, args.cfg, args.resolution, args.repeats,
-                                   args.device, ceiling, env, default_modes=args.modes is None)
+                                   args.device, ceiling, env)
     if args.train_batch > 0:
         for model in args.train_model or (args.model if dev.type == "cuda" else ["tiny"]):
             records.append(bench_train(model, args.train_batch, args.repeats, args.device, args.train_ops,
