@@ -184,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     # listed for --help only: main() hands `plan ...` to the planner's own parser
     sub.add_parser("plan", help="per-GPU memory and recomputation planner (flowtok-fast plan --help)")
     sub.add_parser("pretokenize", help="image+caption shards -> tokenizer moments shards (pretokenize --help)")
+    sub.add_parser("train-tokenizer", help="train the FlowTiTok image tokenizer (train-tokenizer --help)")
     sub.add_parser("coco-karpathy", help="COCO Karpathy split -> webdataset shards + references (coco-karpathy --help)")
     sub.add_parser("index-shards", help="write checked .idx files for webdataset shards (index-shards --help)")
     return parser
@@ -200,6 +201,10 @@ def main(argv: list[str] | None = None) -> None:
         from flowtok_fast.train.pretokenize import main as pretokenize_main
 
         sys.exit(pretokenize_main(argv[1:]))
+    if argv[:1] == ["train-tokenizer"]:
+        from flowtok_fast.train.tokenizer_trainer import main as tok_main
+
+        sys.exit(tok_main(argv[1:]))
     if argv[:1] == ["coco-karpathy"]:
         from flowtok_fast.train.coco import main as coco_main
 

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 TERMS = ("loss", "l1", "l2", "kl", "perceptual")  # the objective's outputs, total first
 SCHEDULES = ("constant", "cosine")
+INITS = ("fan_in", "default")
 EXPORT_WEIGHTS, EXPORT_CONFIG = "model.safetensors", "config.json"
 
 
@@ -71,6 +72,14 @@ class TokenizerTrainConfig:
     decoder_heads: int | None = None
     clip_weights: str | None = None  # local CLIP ViT-L/14-336 weights; None = random (tiny only)
     init_weights: str | None = None  # start from a FlowTiTok file (fine-tuning), e.g. FlowTiTok_256.bin
+    # from scratch only: "fan_in" draws every Linear / Conv2d weight from N(0, 1/fan_in) (truncated
+    # at 2 sigma); "default" keeps the model's N(0, 0.02^2), which suits widths of ~768 and up but
+    # leaves a narrow tokenizer's signal path ~1e-3 strong, so it trains far slower
+    init: str = "fan_in"
+    # from scratch only: multiply the q and k projections of every attention layer by this at
+    # init. The decoder's mask tokens are identical and learn where they are only through 2-D RoPE
+    # in attention; sharper initial attention (gain ~3) starts that position routing sooner.
+    init_qk_gain: float = 1.0
     # from scratch only: the initial posterior log-variance (conv_out's logvar bias). The default
     # init (~0, i.e. unit noise on near-zero means) hides the latents from the decoder at first;
     # a low value lets reconstruction use them from the first steps. None = leave the init.
@@ -113,7 +122,7 @@ class TokenizerTrainConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         for key, allowed in (("schedule", SCHEDULES), ("precision", ("auto", "bf16", "fp32")),
-                             ("parallelism", ("none", "ddp")), ("data_source", ("synthetic",))):
+                             ("parallelism", ("none", "ddp")), ("data_source", ("synthetic",)), ("init", INITS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r}: expected one of {allowed}")
         for key in ("global_batch", "micro_batch", "steps", "log_interval", "ckpt_interval"):
@@ -206,7 +215,29 @@ def load_tokenizer_config(path: str | Path | None, overrides: list[str] = (), **
     return TokenizerTrainConfig(**{k: _coerce(k, v) for k, v in raw.items()})
 
 
-# ---------------------------------------------------------------- losses
+# ---------------------------------------------------------------- init and losses
+
+
+@torch.no_grad()
+def init_from_scratch(tok: FlowTiTok, init: str = "fan_in", logvar: float | None = None, qk_gain: float = 1.0) -> None:
+    """Re-initialise a tokenizer for training from scratch (see TokenizerTrainConfig: init,
+    init_logvar, init_qk_gain)."""
+    if init not in INITS:
+        raise ValueError(f"init={init!r}: expected one of {INITS}")
+    if init == "fan_in":
+        for m in tok.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                std = m.weight[0].numel() ** -0.5
+                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+    if logvar is not None and tok.has_encoder:
+        tok.encoder.conv_out.bias[TOKEN_CHANNELS:].fill_(logvar)
+    if qk_gain != 1.0:
+        blocks = list(tok.decoder.transformer) + (list(tok.encoder.transformer) if tok.has_encoder else [])
+        for block in blocks:
+            width = block.attn.qkv.in_features
+            block.attn.qkv.weight[: 2 * width].mul_(qk_gain)  # rows [q | k | v]: q and k
 
 
 class VGGPerceptual(nn.Module):
@@ -323,9 +354,8 @@ class TokenizerTrainer:
         self.tokenizer = FlowTiTok(self.tok_cfg, with_encoder=True)
         if cfg.init_weights:
             ckpt.load_tokenizer(self.tokenizer, cfg.init_weights)
-        elif cfg.init_logvar is not None:
-            with torch.no_grad():
-                self.tokenizer.encoder.conv_out.bias[TOKEN_CHANNELS:].fill_(cfg.init_logvar)
+        else:
+            init_from_scratch(self.tokenizer, cfg.init, cfg.init_logvar, cfg.init_qk_gain)
         ops.use(self.tokenizer, "triton" if cfg.fused_kernels else "reference")
         self.tokenizer.to(self.device)
         self.objective = TokenizerObjective(self.tokenizer, cfg, build_perceptual(cfg.perceptual_weight, cfg.perceptual_weights))
