@@ -60,7 +60,9 @@ def compile_for(module: str, cfg: dict, arch: int) -> Resources:
     finally:
         os.remove(path)
     field = lambda key: int(m.group(1)) if (m := re.search(rf"{key}:(\d+)", usage)) else -1  # noqa: E731
-    return Resources(module, cfg["name"], arch, field("REG"), field("SHARED"), field("STACK"), field("LOCAL"))
+    # Triton allocates shared memory dynamically: cuobjdump's SHARED is only the static part
+    shared = max(field("SHARED"), int(getattr(compiled.metadata, "shared", 0) or 0))
+    return Resources(module, cfg["name"], arch, field("REG"), shared, field("STACK"), field("LOCAL"))
 
 
 def compile_all_in_child() -> dict:
