@@ -20,6 +20,7 @@ from flowtok_fast.models.tokenizer import FlowTiTok
 from flowtok_fast.pipeline import SamplingOptions, default_device
 
 COMPONENTS = ("generator", "tokenizer", "text_decoder")
+BUILD_ORDER = ("tokenizer", "generator", "text_decoder")  # the order of build()'s modules
 
 
 def load_images(paths: list[str], resolution: int) -> torch.Tensor:
@@ -68,12 +69,13 @@ class FlowTokCaptioner:
         if missing:
             raise ckpt.CheckpointError(f"{directory} lacks component(s) {missing} needed for image-to-text")
         modules = cls.build(config)
-        for name, module in zip(COMPONENTS, modules):
+        parts["tokenizer"] = ckpt.tokenizer_state_dict(parts["tokenizer"])
+        for name, module in zip(BUILD_ORDER, modules):
             ckpt.load_strict(module, parts[name], f"{directory} [{name}]")
         return cls(config, *modules, **kw)
 
     def save_pretrained(self, directory: str) -> None:
-        ckpt.save_pretrained(directory, self.config, dict(zip(COMPONENTS, (self.tokenizer, self.generator, self.text_decoder))))
+        ckpt.save_pretrained(directory, self.config, dict(zip(BUILD_ORDER, (self.tokenizer, self.generator, self.text_decoder))))
 
     def autocast(self):
         if self.dtype == torch.float32:

@@ -18,6 +18,7 @@ from torch import nn
 
 from flowtok_fast.configs import GENERATORS, TINY, FlowTokConfig, GeneratorConfig, TokenizerConfig, get_config
 from flowtok_fast.models.embeddings import sincos_1d
+from flowtok_fast.models.latent_norm import LatentNorm
 from flowtok_fast.models.rope import rope_2d_tables
 
 CONFIG_FILE = "config.json"
@@ -160,10 +161,17 @@ def load_generator(model: nn.Module, path: str | os.PathLike) -> None:
     load_strict(model, sd, f"generator checkpoint {path}")
 
 
+def tokenizer_state_dict(sd: dict[str, torch.Tensor], with_encoder: bool = True) -> dict[str, torch.Tensor]:
+    """The keys a FlowTiTok loads (decoder and latent_norm only when built without the encoder).
+    The published files carry no `latent_norm.*`: the reference's values (shift 0, scale 1.0143)
+    are filled in for whichever is missing."""
+    if not with_encoder:
+        sd = {k: v for k, v in sd.items() if k.startswith(("decoder.", "latent_norm."))}
+    return {**LatentNorm.reference_state_dict("latent_norm."), **sd}
+
+
 def load_tokenizer(model: nn.Module, path: str | os.PathLike) -> None:
-    sd = read_state_dict(path)
-    if not model.has_encoder:
-        sd = {k: v for k, v in sd.items() if k.startswith("decoder.")}
+    sd = tokenizer_state_dict(read_state_dict(path), model.has_encoder)
     check_tokenizer_tables(sd, model.cfg, f"tokenizer checkpoint {path}")
     load_strict(model, sd, f"tokenizer checkpoint {path}")
 

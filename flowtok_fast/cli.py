@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import importlib
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a model hub: weights come from local files
 
@@ -187,32 +189,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train-tokenizer", help="train the FlowTiTok image tokenizer (train-tokenizer --help)")
     sub.add_parser("coco-karpathy", help="COCO Karpathy split -> webdataset shards + references (coco-karpathy --help)")
     sub.add_parser("index-shards", help="write checked .idx files for webdataset shards (index-shards --help)")
+    sub.add_parser("example", help="run an example end to end: `example shapes --help` (captioned shapes, CPU)")
     return parser
+
+
+PASSTHROUGH = {
+    "plan": "flowtok_fast.perf.planner",
+    "pretokenize": "flowtok_fast.train.pretokenize",
+    "train-tokenizer": "flowtok_fast.train.tokenizer_trainer",
+    "coco-karpathy": "flowtok_fast.train.coco",
+    "index-shards": "flowtok_fast.train.webdata",
+}
+
+
+def run_shapes_example(argv: list[str]) -> int:
+    """examples/shapes lives in the source tree, not in the installed package: find it beside an
+    editable install (or the current directory) and say so clearly when it is absent."""
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        if (root / "examples" / "shapes" / "run.py").is_file():
+            sys.path.insert(0, str(root))
+            from examples.shapes.run import main as shapes_main
+
+            return shapes_main(argv)
+    raise SystemExit("flowtok-fast example shapes: examples/shapes/ ships with the source tree; install with "
+                     "`pip install -e .` from a clone, or run it from the repository root")
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     # verbs whose module owns its whole argument list (and its --help)
-    if argv[:1] == ["plan"]:
-        from flowtok_fast.perf.planner import main as plan_main
-
-        return plan_main(argv[1:])
-    if argv[:1] == ["pretokenize"]:
-        from flowtok_fast.train.pretokenize import main as pretokenize_main
-
-        sys.exit(pretokenize_main(argv[1:]))
-    if argv[:1] == ["train-tokenizer"]:
-        from flowtok_fast.train.tokenizer_trainer import main as tok_main
-
-        sys.exit(tok_main(argv[1:]))
-    if argv[:1] == ["coco-karpathy"]:
-        from flowtok_fast.train.coco import main as coco_main
-
-        sys.exit(coco_main(argv[1:]))
-    if argv[:1] == ["index-shards"]:
-        from flowtok_fast.train.webdata import main as index_main
-
-        sys.exit(index_main(argv[1:]))
+    if argv[:1] and argv[0] in PASSTHROUGH:
+        module = importlib.import_module(PASSTHROUGH[argv[0]])
+        sys.exit(module.main(argv[1:]) or 0)
+    if argv[:2] == ["example", "shapes"]:
+        sys.exit(run_shapes_example(argv[2:]))
     args = build_parser().parse_args(argv)
     args.func(args)
 

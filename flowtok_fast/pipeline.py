@@ -106,7 +106,7 @@ class FlowTokPipeline:
         clip_m, gen_m, tok_m = cls.build(config)
         ckpt.load_strict(clip_m, parts["clip"], f"{directory} [clip]")
         ckpt.load_strict(gen_m, parts["generator"], f"{directory} [generator]")
-        tok_sd = {k: v for k, v in parts["tokenizer"].items() if k.startswith("decoder.")}
+        tok_sd = ckpt.tokenizer_state_dict(parts["tokenizer"], with_encoder=False)
         ckpt.load_strict(tok_m, tok_sd, f"{directory} [tokenizer]")
         return cls(config, clip_m, gen_m, tok_m, **kw)
 

@@ -78,3 +78,14 @@ def test_metrics_on_a_hand_made_set():
     assert "SPICE" in s or any("SPICE skipped" in n for n in s["notes"])
     with pytest.raises(ValueError, match="same ids"):
         caption_metrics({1: "x"}, {2: ["x"]})
+
+
+def test_captioner_directory_names_each_component_by_what_it_holds(tmp_path):
+    from flowtok_fast.checkpoint import read_pretrained
+
+    cap = FlowTokCaptioner.random("tiny", device="cpu")
+    cap.save_pretrained(str(tmp_path / "c"))
+    _, parts = read_pretrained(str(tmp_path / "c"))
+    assert parts["generator"].keys() == cap.generator.state_dict().keys()
+    assert parts["tokenizer"].keys() == cap.tokenizer.state_dict().keys()
+    assert parts["text_decoder"].keys() == cap.text_decoder.state_dict().keys()

@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flowtok_fast.configs import LATENT_SCALE, NUM_TOKENS, TOKEN_CHANNELS, TokenizerConfig
+from flowtok_fast.configs import NUM_TOKENS, TOKEN_CHANNELS, TokenizerConfig
 from flowtok_fast.models.generator import Attention
+from flowtok_fast.models.latent_norm import LatentNorm
 from flowtok_fast.models.rope import rope_2d_tables
 from flowtok_fast.ops import UsesOps, use
 
@@ -144,6 +145,7 @@ class FlowTiTok(nn.Module):
             self.latent_tokens = nn.Parameter(torch.randn(NUM_TOKENS, w) * w**-0.5)
             self.encoder = TokenizerEncoder(cfg)
         self.decoder = TokenizerDecoder(cfg)
+        self.latent_norm = LatentNorm()  # posterior <-> flow space (the reference: x 1.0143)
         _init_weights(self)
         use(self, "triton" if use_fused_kernels else "reference")
 
@@ -152,7 +154,8 @@ class FlowTiTok(nn.Module):
         return hasattr(self, "encoder")
 
     def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
-        """pixels [B,3,H,W] in [0,1] -> flow-space latents [B, 77, 16] (posterior sample * 1.0143)."""
+        """pixels [B,3,H,W] in [0,1] -> flow-space latents [B, 77, 16]: a posterior sample (or the mean)
+        through `latent_norm` (the reference: times 1.0143)."""
         if not self.has_encoder:
             raise RuntimeError("this tokenizer was built without its encoder (decode-only)")
         r = self.cfg.resolution
@@ -165,7 +168,7 @@ class FlowTiTok(nn.Module):
             logvar = logvar.clamp(-30.0, 20.0)
             eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
             z = mean + torch.exp(0.5 * logvar) * eps
-        return (z * LATENT_SCALE).flatten(2).transpose(1, 2)  # [B,16,1,77] -> [B,77,16]
+        return self.latent_norm.to_flow(z)  # [B,16,1,77] -> [B,77,16]
 
     def decode(self, latents: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
         """flow-space latents [B,77,16] + CLIP features [B,77,768] -> images [B,3,H,W] in [0,1]."""
@@ -175,5 +178,5 @@ class FlowTiTok(nn.Module):
             raise ValueError(
                 f"text features must be [{latents.shape[0]}, {NUM_TOKENS}, {self.cfg.text_width}], got {tuple(text_feats.shape)}"
             )
-        z = (latents / LATENT_SCALE).transpose(1, 2).unsqueeze(2)  # [B,16,1,77]
+        z = self.latent_norm.from_flow(latents.float()).to(latents.dtype)  # [B,16,1,77]
         return self.decoder(z, text_feats).clamp(0.0, 1.0)

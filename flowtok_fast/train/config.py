@@ -10,8 +10,9 @@ from pathlib import Path
 
 import yaml
 
-from flowtok_fast.configs import get_config
-from flowtok_fast.objective import DIRECTIONS, KL_FORMS, LossWeights
+from flowtok_fast.configs import FlowTokConfig, get_config
+from flowtok_fast.objective import DIRECTIONS, KL_FORMS, T_SAMPLINGS, LossWeights
+from flowtok_fast.train.frozen import LATENT_SAMPLING
 
 PARALLELISMS = ("none", "ddp", "fsdp")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -25,8 +26,11 @@ class TrainConfig:
     model: str = "tiny"  # tiny | S | B | L | XL | H (configs.get_config)
     resolution: int = 256  # image tokenizer resolution (ignored by tiny, which is 64 px)
     direction: str = "t2i"  # t2i | i2t
+    generator_depth: int | None = None  # None: the model's; set to train another generator shape
+    generator_width: int | None = None
+    generator_heads: int | None = None
     clip_weights: str | None = None  # local CLIP ViT-L/14-336 weights; None = random (tiny only)
-    tokenizer_weights: str | None = None  # FlowTiTok_*.bin; needed for data_kind=pixels unless tiny
+    tokenizer_weights: str | None = None  # FlowTiTok_*.bin / model.safetensors: the encoder (data_kind=pixels; needed unless tiny) and the latent normalisation
     # batch: global_batch = micro_batch * grad_accum * world_size; grad_accum is derived
     global_batch: int = 4096
     micro_batch: int = 32  # per process, per forward
@@ -42,6 +46,8 @@ class TrainConfig:
     kl_weight: float | None = None  # None: 0.01 (t2i) / 0.0 (i2t)
     kl_form: str = "reference"  # reference (sum over the local batch) | per_sample
     cfg_prob: float = 0.1
+    t_sampling: str = "logit_normal"  # logit_normal (the reference) | uniform
+    latent_sampling: str = "sample"  # image latents: sample (the reference) | mean (the posterior mean)
     text_decoder: bool = True  # image-to-text: train the Z_T -> CLIP ids decoder jointly
     text_dec_weight: float = 1.0
     # systems
@@ -78,6 +84,7 @@ class TrainConfig:
         choices = {
             "direction": DIRECTIONS, "kl_form": KL_FORMS, "precision": PRECISIONS,
             "parallelism": PARALLELISMS, "data_source": DATA_SOURCES, "data_kind": DATA_KINDS,
+            "t_sampling": T_SAMPLINGS, "latent_sampling": LATENT_SAMPLING,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -103,7 +110,18 @@ class TrainConfig:
             raise ValueError(f"betas must be two numbers, got {self.betas}")
         if self.warmup_steps < 0 or self.keep_checkpoints < 0:
             raise ValueError("warmup_steps and keep_checkpoints must be >= 0")
-        get_config(self.model, self.resolution)  # unknown model or resolution: a clear error now
+        cfg = self.model_config()  # unknown model or resolution, or a bad generator shape: a clear error now
+        if cfg.generator.width % cfg.generator.heads or cfg.generator.depth < 1:
+            raise ValueError(f"generator width {cfg.generator.width} must be a multiple of heads {cfg.generator.heads}, depth >= 1")
+
+    def model_config(self) -> FlowTokConfig:
+        """The model's config with the generator_* overrides applied."""
+        cfg = get_config(self.model, self.resolution)
+        shape = {k: getattr(self, f"generator_{k}") for k in ("depth", "width", "heads")}
+        shape = {k: v for k, v in shape.items() if v is not None}
+        if not shape:
+            return cfg
+        return dataclasses.replace(cfg, generator=dataclasses.replace(cfg.generator, **shape))
 
     def loss_weights(self) -> LossWeights:
         return LossWeights(self.flow_weight, self.align_weight, self.kl_weight, self.kl_form, self.cfg_prob,

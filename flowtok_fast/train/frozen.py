@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from flowtok_fast import checkpoint as ckpt
-from flowtok_fast.configs import LATENT_SCALE, NUM_TOKENS, FlowTokConfig
+from flowtok_fast.configs import NUM_TOKENS, FlowTokConfig
+from flowtok_fast.models.latent_norm import LatentNorm
 from flowtok_fast.models.text import ClipTextEncoder, tokenize
 from flowtok_fast.models.tokenizer import TokenizerEncoder
 from flowtok_fast.train.data import validate_batch
@@ -20,15 +21,23 @@ from flowtok_fast.train.data import validate_batch
 log = logging.getLogger(__name__)
 
 
-def latents_from_moments(moments: torch.Tensor) -> torch.Tensor:
+LATENT_SAMPLING = ("sample", "mean")
+
+
+def latents_from_moments(moments: torch.Tensor, norm: LatentNorm | None = None, sampling: str = "sample") -> torch.Tensor:
     """Posterior moments [B,32,1,77] -> flow-space latents [B,77,16]: a posterior sample (logvar
-    clamped to [-30, 20], in fp32) times LATENT_SCALE, as FlowTiTok.encode does."""
+    clamped to [-30, 20], in fp32) or, with sampling="mean", the posterior mean, through the
+    tokenizer's latent normalisation (default: the reference's x 1.0143), as FlowTiTok.encode does."""
+    if sampling not in LATENT_SAMPLING:
+        raise ValueError(f"latent sampling {sampling!r}: expected one of {LATENT_SAMPLING}")
     mean, logvar = moments.float().chunk(2, dim=1)
-    # not randn_like: it would follow the conv output's channels-last strides, and the same seed
-    # would give different noise than FlowTiTok.encode
-    eps = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
-    z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps
-    return (z * LATENT_SCALE).flatten(2).transpose(1, 2)
+    z = mean
+    if sampling == "sample":
+        # not randn_like: it would follow the conv output's channels-last strides, and the same seed
+        # would give different noise than FlowTiTok.encode
+        eps = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+        z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps
+    return (norm or LatentNorm().to(z.device)).to_flow(z)
 
 
 class ImageEncoder(nn.Module):
@@ -51,10 +60,15 @@ class ImageEncoder(nn.Module):
 class FrozenEncoders(nn.Module):
     """batch (see data.py) -> (CLIP features [B,77,W], image latents [B,77,16] in fp32)."""
 
-    def __init__(self, clip: ClipTextEncoder, image: ImageEncoder | None = None):
+    def __init__(self, clip: ClipTextEncoder, image: ImageEncoder | None = None, latent_norm: LatentNorm | None = None,
+                 latent_sampling: str = "sample"):
         super().__init__()
+        if latent_sampling not in LATENT_SAMPLING:
+            raise ValueError(f"latent_sampling {latent_sampling!r}: expected one of {LATENT_SAMPLING}")
         self.clip = clip.eval().requires_grad_(False)
         self.image = image.eval().requires_grad_(False) if image is not None else None
+        self.latent_norm = latent_norm if latent_norm is not None else LatentNorm()  # the tokenizer's flow space
+        self.latent_sampling = latent_sampling
 
     def train(self, mode: bool = True):  # always eval: frozen, and no dropout
         return super().train(False)
@@ -70,7 +84,7 @@ class FrozenEncoders(nn.Module):
             if self.image is None:
                 raise ValueError("the batch has 'pixels' but no image encoder was built: set data_kind=pixels (and tokenizer_weights)")
             moments = self.image(batch["pixels"].to(device, non_blocking=True))
-        return feats, latents_from_moments(moments)
+        return feats, latents_from_moments(moments, self.latent_norm, self.latent_sampling)
 
 
 def caption_ids(batch: dict) -> torch.Tensor:
@@ -78,8 +92,10 @@ def caption_ids(batch: dict) -> torch.Tensor:
     return batch["ids"] if "ids" in batch else tokenize(list(batch["text"]))
 
 
-def build_frozen(cfg: FlowTokConfig, clip_weights: str | None, tokenizer_weights: str | None, with_image: bool) -> FrozenEncoders:
-    """Load the frozen networks from local files; random weights only for the tiny test config."""
+def build_frozen(cfg: FlowTokConfig, clip_weights: str | None, tokenizer_weights: str | None, with_image: bool,
+                 latent_sampling: str = "sample") -> FrozenEncoders:
+    """Load the frozen networks from local files; random weights only for the tiny test config.
+    The tokenizer file also gives the flow space (its `latent_norm.*`, if any) for pretokenised data."""
     clip = ClipTextEncoder(cfg.clip)
     if clip_weights:
         ckpt.load_clip(clip, clip_weights)
@@ -87,11 +103,15 @@ def build_frozen(cfg: FlowTokConfig, clip_weights: str | None, tokenizer_weights
         raise ValueError(f"model {cfg.name} needs clip_weights: a local OpenAI CLIP ViT-L/14-336 file (random CLIP is for tiny only)")
     else:
         log.warning("CLIP text tower has random weights (tiny config, for tests only)")
+    sd = ckpt.tokenizer_state_dict(ckpt.read_state_dict(tokenizer_weights)) if tokenizer_weights else None
+    latent_norm = LatentNorm()
+    if sd is not None:
+        ckpt.load_strict(latent_norm, {k[len("latent_norm."):]: sd[k] for k in ("latent_norm.shift", "latent_norm.scale")},
+                         f"tokenizer checkpoint {tokenizer_weights} [latent_norm]")
     image = None
     if with_image:
         image = ImageEncoder(cfg.tokenizer)
-        if tokenizer_weights:
-            sd = ckpt.read_state_dict(tokenizer_weights)
+        if sd is not None:
             sd = {k: v for k, v in sd.items() if k == "latent_tokens" or k.startswith("encoder.")}
             ckpt.check_tokenizer_tables(sd, cfg.tokenizer, f"tokenizer checkpoint {tokenizer_weights}")
             ckpt.load_strict(image, sd, f"tokenizer checkpoint {tokenizer_weights} [encoder]")
@@ -99,4 +119,4 @@ def build_frozen(cfg: FlowTokConfig, clip_weights: str | None, tokenizer_weights
             raise ValueError(f"data_kind=pixels with model {cfg.name} needs tokenizer_weights (FlowTiTok_{cfg.tokenizer.resolution}.bin)")
         else:
             log.warning("image tokenizer encoder has random weights (tiny config, for tests only)")
-    return FrozenEncoders(clip, image)
+    return FrozenEncoders(clip, image, latent_norm, latent_sampling)

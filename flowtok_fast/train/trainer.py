@@ -24,7 +24,6 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from flowtok_fast.configs import get_config
 from flowtok_fast.models.generator import FlowTokGenerator
 from flowtok_fast.models.text import TextDecoder
 from flowtok_fast.objective import LOSS_TERMS, FlowTokObjective
@@ -78,15 +77,16 @@ class Trainer:
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.amp_dtype = torch.bfloat16 if bf16 else None
 
-        model_cfg = get_config(cfg.model, cfg.resolution)
+        model_cfg = cfg.model_config()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.frozen = build_frozen(model_cfg, cfg.clip_weights, cfg.tokenizer_weights, cfg.data_kind == "pixels").to(self.device)
+        self.frozen = build_frozen(model_cfg, cfg.clip_weights, cfg.tokenizer_weights, cfg.data_kind == "pixels",
+                                   cfg.latent_sampling).to(self.device)
         torch.manual_seed(cfg.seed)
         generator = FlowTokGenerator(model_cfg.generator, model_cfg.text_vae)
         decoder = None
         if cfg.direction == "i2t" and cfg.text_decoder:
             decoder = TextDecoder(model_cfg.text_vae, model_cfg.clip.vocab_size)
-        self.objective = FlowTokObjective(generator, cfg.loss_weights(), cfg.direction, decoder).to(self.device)
+        self.objective = FlowTokObjective(generator, cfg.loss_weights(), cfg.direction, decoder, cfg.t_sampling).to(self.device)
         self.model = parallelize(
             self.objective, cfg.parallelism, self.device,
             cfg.fused_kernels, cfg.recompute, cfg.compile_blocks,

@@ -57,3 +57,18 @@ def test_loss_weights_default_by_direction():
     assert TrainConfig().loss_weights().resolved("t2i").kl == 0.01
     w = TrainConfig(direction="i2t").loss_weights().resolved("i2t")
     assert (w.align, w.kl) == (0.0, 0.0)
+
+
+def test_sampling_choices_and_generator_shape_override():
+    cfg = load_config(None, ["t_sampling=uniform", "latent_sampling=mean", "generator_depth=3", "generator_width=64",
+                             "generator_heads=4"])
+    assert (cfg.t_sampling, cfg.latent_sampling) == ("uniform", "mean")
+    model = cfg.model_config()
+    assert (model.generator.depth, model.generator.width, model.generator.heads) == (3, 64, 4)
+    assert model.name == "tiny" and model.text_vae == load_config(None).model_config().text_vae
+    assert load_config(None).model_config().generator == TrainConfig().model_config().generator  # untouched default
+    for item, match in (("t_sampling=cosine", "t_sampling"), ("latent_sampling=mode", "latent_sampling")):
+        with pytest.raises(ValueError, match=match):
+            load_config(None, [item])
+    with pytest.raises(ValueError, match="multiple of heads"):
+        load_config(None, ["generator_width=100", "generator_heads=3"])

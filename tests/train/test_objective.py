@@ -132,6 +132,17 @@ def test_sample_t_is_logit_normal():
     assert abs(logit.mean().item()) < 0.03 and abs(logit.std().item() - 1) < 0.03
 
 
+def test_sample_t_uniform_option_and_bad_kind():
+    torch.manual_seed(0)
+    t = obj.sample_t(20000, "cpu", "uniform")
+    assert (t < 0.1).float().mean().item() == pytest.approx(0.1, abs=0.01)  # logit-normal gives ~0.014
+    assert (obj.sample_t(20000, "cpu") < 0.1).float().mean().item() == pytest.approx(0.014, abs=0.005)
+    with pytest.raises(ValueError, match="t sampling"):
+        obj.sample_t(4, "cpu", "cosine")
+    with pytest.raises(ValueError, match="t sampling"):
+        obj.FlowTokObjective(torch.nn.Linear(1, 1), t_sampling="cosine")
+
+
 def _objective(direction="t2i", **weights):
     torch.manual_seed(0)
     gen = FlowTokGenerator(TINY.generator, TINY.text_vae)

@@ -1,0 +1,165 @@
+"""examples/shapes: the generator and grammar, the evaluator, the shards, and a smoke run of the chain."""
+import json
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from examples.shapes import data as D
+from examples.shapes import evaluate as E
+
+RES = 32
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return D.make_splits()
+
+
+def test_grammar_round_trip_and_mirrors():
+    caps = D.all_captions()
+    assert len(caps) == len(set(caps)) == 15 + 15 * 15 * 4
+    for cap in caps:
+        p = D.parse_caption(cap)
+        assert p.exact and D.caption_of(p.objects, p.relation) == cap
+    assert D.caption_of([("red", "circle"), ("blue", "square")], "above") == "a red circle above a blue square"
+    a, b = D.equivalent_captions("a red circle above a blue square")
+    assert b == "a blue square below a red circle"
+    assert D.parse_caption(a).ordered() == D.parse_caption(b).ordered()
+    assert D.canonical_caption(b) == a and D.canonical_caption("a green triangle") == "a green triangle"
+    loose = D.parse_caption("a red red circle left a blue square .")
+    assert not loose.exact and loose.relation == "to the left of" and loose.ordered() == [("red", "circle"), ("blue", "square")]
+
+
+def test_splits_are_deterministic_and_disjoint(splits):
+    assert D.make_splits() == splits
+    train, new, held = set(splits.train), set(splits.new), set(splits.held_out)
+    assert not (train & new or train & held or new & held) and len(train | new | held) == len(D.all_captions())
+    held_combos = set(splits.held_out_combos)
+    assert all(not (set(D.layout_of(c)[1:]) & held_combos) for c in splits.train + splits.new)
+    assert all(set(D.layout_of(c)[1:]) & held_combos for c in splits.held_out)
+    # a new prompt's layout is new: neither it nor its mirror is in training
+    train_layouts = {D.layout_of(c) for c in splits.train}
+    assert all(D.layout_of(c) not in train_layouts for c in splits.new)
+    assert {len(D.parse_caption(c).objects) for c in splits.new} == {2}
+
+
+def test_generator_is_deterministic(splits):
+    spec = D.DatasetSpec("t", splits.train, 12, seed=5, resolution=RES, backgrounds=("black", "grey"))
+    a, b = D.generate(spec), D.generate(spec)
+    assert [s.caption for s, _ in a] == [s.caption for s, _ in b]
+    assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(a, b))
+    assert a[0][1].shape == (RES, RES, 3) and a[0][1].dtype == np.uint8
+    other = D.generate(D.DatasetSpec("t", splits.train, 12, seed=6, resolution=RES))
+    assert [s.caption for s, _ in other] != [s.caption for s, _ in a]
+    for scene, _ in a:  # boxes inside the image, two objects never overlap
+        boxes = [o["box"] for o in scene.objects]
+        assert all(0 <= v <= RES for box in boxes for v in box)
+        if len(boxes) == 2:
+            (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = boxes
+            assert ax1 < bx0 or bx1 < ax0 or ay1 < by0 or by1 < ay0
+
+
+def test_evaluator_on_ground_truth_is_near_perfect(splits):
+    for name, caps in (("new", splits.new), ("held_out", splits.held_out), ("train", splits.train)):
+        samples = D.generate(D.DatasetSpec(name, caps, 150, seed=11, resolution=RES, backgrounds=("black", "grey")))
+        rates, _ = E.evaluate_images([im for _, im in samples], [s.caption for s, _ in samples])
+        assert rates["colour_accuracy"] >= 0.99 and rates["shape_accuracy"] >= 0.98, (name, rates)
+        assert rates["image_accuracy"] >= 0.97, (name, rates)
+
+
+def test_evaluator_on_wrong_images_is_low(splits):
+    samples = D.generate(D.DatasetSpec("w", splits.train, 120, seed=12, resolution=RES))
+    nxt_c = {c: n for c, n in zip(D.PALETTE, list(D.PALETTE)[1:] + list(D.PALETTE)[:1])}
+    nxt_s = {s: n for s, n in zip(D.SHAPES, D.SHAPES[1:] + D.SHAPES[:1])}
+    wrong_colour, wrong_shape, blank = [], [], []
+    for scene, _ in samples:
+        k = range(len(scene.objects))
+        wrong_colour.append(D.render(scene, RES, colours={i: nxt_c[scene.objects[i]["colour"]] for i in k}))
+        wrong_shape.append(D.render(scene, RES, shapes={i: nxt_s[scene.objects[i]["shape"]] for i in k}))
+        blank.append(np.full((RES, RES, 3), 12, np.uint8))
+    caps = [s.caption for s, _ in samples]
+    rc, _ = E.evaluate_images(wrong_colour, caps)
+    assert rc["colour_accuracy"] <= 0.02 and rc["shape_accuracy"] >= 0.95  # only the colours are wrong
+    rs, _ = E.evaluate_images(wrong_shape, caps)
+    assert rs["shape_accuracy"] <= 0.05 and rs["colour_accuracy"] >= 0.98
+    rb, _ = E.evaluate_images(blank, caps)
+    assert rb["colour_accuracy"] == rb["shape_accuracy"] == rb["count_accuracy"] == 0.0
+    noise = [np.random.default_rng(i).integers(0, 256, (RES, RES, 3), dtype=np.uint8) for i in range(40)]
+    rn, _ = E.evaluate_images(noise, caps[:40])
+    assert rn["image_accuracy"] <= 0.05
+
+
+def test_caption_scoring():
+    ref = "a red circle above a blue square"
+    s = E.score_caption("a blue square below a red circle", ref)  # the mirror is the same scene
+    assert s.colour_correct == s.shape_correct == 2 and s.all_correct and s.grammatical
+    s = E.score_caption("a red triangle above a green square", ref)
+    assert (s.colour_correct, s.shape_correct, s.both_correct, s.all_correct) == (1, 1, 0, False)
+    s = E.score_caption("a red circle to the left of a blue square", ref)  # objects right, layout wrong
+    assert s.both_correct == 2 and not s.all_correct
+    s = E.score_caption("", "a green triangle")
+    assert s.colour_correct == s.shape_correct == 0 and not s.grammatical
+    rates, _ = E.evaluate_captions(["a green triangle", "a red circle"], ["a green triangle", "a red square"])
+    assert rates["colour_accuracy"] == 1.0 and rates["shape_accuracy"] == 0.5 and rates["layout_accuracy"] == 0.5
+
+
+@pytest.mark.parametrize("writer", ["webdataset", "tarfile"])
+def test_shards_round_trip(tmp_path, splits, writer, monkeypatch):
+    if writer == "webdataset":
+        pytest.importorskip("webdataset")
+    else:
+        monkeypatch.setitem(sys.modules, "webdataset", None)  # import fails: the tarfile fallback
+    samples = D.generate(D.DatasetSpec("s", splits.train, 7, seed=3, resolution=RES))
+    info = D.write_shards(samples, tmp_path, "train", per_shard=3)
+    assert info["writer"] == writer and info["count"] == 7 and len(info["shards"]) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    with tarfile.open(info["shards"][0]) as tf:
+        assert sorted(tf.getnames()) == sorted(f"train_{i:08d}.{e}" for i in range(3) for e in ("json", "png", "txt"))
+    back = D.read_shards(info["shards"])
+    assert [s.caption for s, _ in back] == [s.caption for s, _ in samples]
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(back, samples))
+    assert back[0][0].to_json() == samples[0][0].to_json()
+
+
+def test_smoke_run_of_the_whole_chain(tmp_path):
+    from examples.shapes.run import DEFAULT_CONFIG, main
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--config", str(DEFAULT_CONFIG.with_name("smoke.yaml")), "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads((tmp_path / "results.json").read_text())
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "samples.png")
+    assert grid.size[0] == 8 * 32 * 4  # 8 columns of 32 px images at 4x
+    gt = results["evaluator_on_ground_truth"]
+    assert gt["new"]["image_accuracy"] == gt["held_out"]["image_accuracy"] == 1.0
+    for split in ("new", "held_out"):
+        t2i, i2t = results["t2i"]["eval"][split], results["i2t"]["eval"][split]
+        assert {"colour_accuracy", "shape_accuracy", "decoded_without_text", "control_other_prompts_latents"} <= set(t2i)
+        assert {"colour_accuracy", "shape_accuracy", "layout_accuracy"} <= set(i2t)
+        assert "BLEU-4" in i2t or i2t.get("metric_notes")
+    assert results["data"]["shards"]["train"]["count"] == 64
+    assert set(results["timings"]["stages"]) == {"data", "tokenizer", "pretokenize", "text_autoencoder", "t2i_train",
+                                                 "t2i_sample_eval", "i2t_train", "i2t_caption_eval"}
+    # the exported tokenizer carries the fitted flow space, and the saved models keep it
+    from flowtok_fast.train.tokenizer_trainer import load_exported
+
+    tok = load_exported(tmp_path / "tokenizer" / "export")
+    assert not tok.latent_norm.is_reference()
+    for part in ("tokenizer/export/model.safetensors", "t2i/model/config.json", "i2t/model/config.json", "latents.pt"):
+        assert (tmp_path / part).is_file(), part
+    # the saved models load back through the package's own entry points
+    from flowtok_fast.captioning import FlowTokCaptioner
+    from flowtok_fast.pipeline import FlowTokPipeline
+
+    pipe = FlowTokPipeline.from_pretrained(str(tmp_path / "t2i" / "model"), device="cpu")
+    assert torch.equal(pipe.tokenizer.latent_norm.scale, tok.latent_norm.scale)
+    assert pipe(["a red circle"], steps=2, output="tensor").shape == (1, 3, 32, 32)
+    cap = FlowTokCaptioner.from_pretrained(str(tmp_path / "i2t" / "model"), device="cpu")
+    assert len(cap(torch.rand(1, 3, 32, 32), steps=2)) == 1
