@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-import torch.distributed as dist
-
 from flowtok_fast.train.config import load_config
-from flowtok_fast.train.trainer import Trainer, setup_distributed
+from flowtok_fast.train.trainer import Trainer, distributed_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,13 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. steps=100 lr=2e-4")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(args.config, args.overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    device = setup_distributed()
-    try:
+    with distributed_run() as device:
         Trainer(cfg, device=device).train()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     return 0
 
 

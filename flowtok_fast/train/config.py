@@ -142,14 +142,13 @@ class TrainConfig:
         return d
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-
-def _coerce(key: str, value):
-    """YAML gives '4e-4' as a string and 1 for 1.0: convert by the field's declared type."""
-    if key not in _FIELDS:
-        raise ValueError(f"unknown config key '{key}': expected one of {', '.join(_FIELDS)}")
-    kind = _FIELDS[key].type
+def coerce(cls, key: str, value):
+    """YAML gives '4e-4' as a string and 1 for 1.0: convert by the declared type of `cls`'s field
+    (a string, as the config modules use `from __future__ import annotations`)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if key not in fields:
+        raise ValueError(f"unknown config key '{key}': expected one of {', '.join(fields)}")
+    kind = fields[key].type
     optional = "None" in kind
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if not optional:
@@ -176,26 +175,35 @@ def _coerce(key: str, value):
         raise ValueError(f"{key}={value!r}: expected {kind}") from err
 
 
-def parse_overrides(items: list[str]) -> dict:
+def parse_overrides(items: list[str], cls=TrainConfig) -> dict:
+    """`key=value` strings -> {key: value}: each value read as YAML, then typed by `cls`'s field."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override '{item}': expected key=value")
-        out[key.strip()] = _coerce(key.strip(), yaml.safe_load(value) if value else value)
+        out[key.strip()] = coerce(cls, key.strip(), yaml.safe_load(value) if value else value)
     return out
+
+
+def build_config(cls, path: str | Path | None, overrides: list[str] = (), values: dict | None = None,
+                 what: str = "training config"):
+    """A `cls` from a YAML file (or the defaults when path is None), then `values`, then `key=value`
+    overrides, each typed by its field. `what` names the file in the not-found error."""
+    raw = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
+    raw.update(values or {})
+    typed = {k: coerce(cls, k, v) for k, v in raw.items()}
+    typed.update(parse_overrides(list(overrides), cls))
+    return cls(**typed)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """TrainConfig from a YAML file (or the defaults when path is None) plus `key=value` overrides."""
-    values = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"training config not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
-        values = {k: _coerce(k, v) for k, v in raw.items()}
-    values.update(parse_overrides(list(overrides)))
-    return TrainConfig(**values)
+    return build_config(TrainConfig, path, overrides)

@@ -26,28 +26,25 @@ import json
 import logging
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from torch import nn
-from tqdm.auto import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from flowtok_fast import checkpoint as ckpt
 from flowtok_fast import ops
 from flowtok_fast.configs import TOKEN_CHANNELS, ClipTextConfig, TokenizerConfig, get_config
 from flowtok_fast.models.text import ClipTextEncoder, tokenize
 from flowtok_fast.models.tokenizer import FlowTiTok
-from flowtok_fast.train import checkpoint as train_ckpt
+from flowtok_fast.train.config import build_config
 from flowtok_fast.train.data import ShardedBatches, SyntheticDataset
 from flowtok_fast.train.ema import EMA
+from flowtok_fast.train.loop import TrainLoop
 from flowtok_fast.train.parallelize import grad_sync
-from flowtok_fast.train.trainer import NonFiniteLossError, _SigtermFlag, micro_batch_seed, setup_distributed
+from flowtok_fast.train.trainer import NonFiniteLossError, distributed_run, micro_batch_seed
 
 log = logging.getLogger(__name__)
 
@@ -165,54 +162,9 @@ class TokenizerTrainConfig:
         return d
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TokenizerTrainConfig)}
-
-
-def _coerce(key: str, value):
-    if key not in _FIELDS:
-        raise ValueError(f"unknown config key '{key}': expected one of {', '.join(_FIELDS)}")
-    kind = _FIELDS[key].type
-    optional = "None" in kind
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
-        if not optional:
-            raise ValueError(f"{key} cannot be null")
-        return None
-    try:
-        if kind.startswith("bool"):
-            if isinstance(value, str):
-                return {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}[value.lower()]
-            return bool(value)
-        if kind.startswith("int"):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if kind.startswith("float"):
-            return float(value)
-        if kind.startswith("tuple"):
-            items = yaml.safe_load(value) if isinstance(value, str) else value
-            return tuple(float(v) for v in items)
-        return str(value)
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{key}={value!r}: expected {kind}") from err
-
-
 def load_tokenizer_config(path: str | Path | None, overrides: list[str] = (), **values) -> TokenizerTrainConfig:
     """From a YAML file (or the defaults), then `values`, then `key=value` strings."""
-    raw = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer training config not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys")
-    raw.update(values)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override '{item}': expected key=value")
-        raw[key.strip()] = yaml.safe_load(value) if value else value
-    return TokenizerTrainConfig(**{k: _coerce(k, v) for k, v in raw.items()})
+    return build_config(TokenizerTrainConfig, path, overrides, values, what="tokenizer training config")
 
 
 # ---------------------------------------------------------------- init and losses
@@ -326,7 +278,9 @@ class TokenizerObjective(nn.Module):
 # ---------------------------------------------------------------- the trainer
 
 
-class TokenizerTrainer:
+class TokenizerTrainer(TrainLoop):
+    LOG_TERMS, BAR_TERMS, BAR_DESC = TERMS, ("loss", "l1"), "tokenizer"
+
     def __init__(self, cfg: TokenizerTrainConfig, device: torch.device | str | None = None, dataset=None, data=None,
                  clip: ClipTextEncoder | None = None):
         """`dataset`: len() + batch(indices) -> batch dict (split by ShardedBatches); or `data`: a
@@ -404,10 +358,6 @@ class TokenizerTrainer:
             log.warning("CLIP text tower has random weights (tiny config)")
         return clip
 
-    def _info(self, msg: str) -> None:
-        if self.rank == 0:
-            log.info(msg)
-
     # ------------------------------------------------------------ pieces
 
     def lr_at(self, step: int) -> float:
@@ -436,42 +386,13 @@ class TokenizerTrainer:
             feats = torch.where(drop[:, None, None], self.null_feats.to(feats.dtype), feats)
         return feats
 
-    def _extra(self) -> dict[str, int]:
-        return {"step": self.step, **{f"data_{k}": v for k, v in self.data.state_dict().items()}}
-
-    def save_checkpoint(self) -> Path:
-        path = train_ckpt.save(self.output_dir, self.step, self.model, self.optimizer, self.ema, self._extra(),
-                               self.cfg.to_dict(), self.cfg.keep_checkpoints)
-        self._info(f"saved checkpoint {path}")
-        return path
-
-    def load_checkpoint(self, path: str | Path) -> None:
-        extra = train_ckpt.load(path, self.model, self.optimizer, self.ema, self._extra())
-        self.step = extra["step"]
-        self.data.load_state_dict({k.removeprefix("data_"): v for k, v in extra.items() if k.startswith("data_")})
-        self._info(f"resumed from {path} at step {self.step}")
-
-    def _maybe_resume(self) -> None:
-        if self.cfg.resume == "none":
-            return
-        if self.cfg.resume == "auto":
-            found = train_ckpt.list_checkpoints(self.output_dir)
-            if found:
-                self.load_checkpoint(found[-1])
-            return
-        self.load_checkpoint(self.cfg.resume)
-
-    # ------------------------------------------------------------ one step and the loop
+    # ------------------------------------------------------------ one step
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over this process's micro-batches. Raises NonFiniteLossError
         (before the weights change) if any loss term is not finite."""
-        lr = self.lr_at(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.model.train()
+        lr, micro_batches = self._begin_step()
         sums = torch.zeros(len(TERMS), device=self.device)
-        micro_batches = self.data.next_step()
         for m, (index, batch) in enumerate(micro_batches):
             if "pixels" not in batch:
                 raise ValueError(f"tokenizer training needs 'pixels' [B,3,H,W] in every batch; got keys {sorted(batch)}")
@@ -502,45 +423,6 @@ class TokenizerTrainer:
         if grad_norm is not None:
             row["grad_norm"] = grad_norm
         return row
-
-    def _stop_agreed(self, requested: bool) -> bool:
-        flag = torch.tensor([float(requested)], device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def train(self) -> list[dict]:
-        """Run until `steps`; returns this run's per-step metrics. Checkpoints every
-        `ckpt_interval` steps, at the end, and on SIGTERM (then returns early)."""
-        cfg = self.cfg
-        metrics_file = self.output_dir / "metrics.jsonl"
-        if self.rank == 0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0 or not cfg.progress, desc="tokenizer")
-        window_start, window_steps = time.perf_counter(), 0
-        with _SigtermFlag() as sigterm, logging_redirect_tqdm():
-            while self.step < cfg.steps:
-                row = self.train_step()
-                window_steps += 1
-                row["samples_per_s"] = cfg.global_batch * window_steps / max(time.perf_counter() - window_start, 1e-9)
-                self.history.append(row)
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", l1=f"{row['l1']:.4f}", sps=f"{row['samples_per_s']:.1f}")
-                if self.rank == 0:
-                    with metrics_file.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-                if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
-                    terms = " | ".join(f"{k} {row[k]:.4f}" for k in TERMS)
-                    self._info(f"step {self.step}/{cfg.steps} | {terms} | lr {row['lr']:.2e} | {row['samples_per_s']:.1f} samples/s")
-                    window_start, window_steps = time.perf_counter(), 0
-                stop = self._stop_agreed(sigterm.requested)
-                if stop or self.step % cfg.ckpt_interval == 0 or self.step == cfg.steps:
-                    self.save_checkpoint()
-                if stop:
-                    self._info(f"SIGTERM: stopped after step {self.step}, checkpoint saved")
-                    break
-        bar.close()
-        return self.history
 
     # ------------------------------------------------------------ export
 
@@ -602,17 +484,12 @@ def main(argv: list[str] | None = None) -> int:
     if config is not None and "=" in config and not Path(config).is_file():
         overrides, config = [config, *overrides], None
     cfg = load_tokenizer_config(config, overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    device = setup_distributed()
-    try:
+    with distributed_run() as device:
         trainer = TokenizerTrainer(cfg, device=device)
         trainer.train()
         path = trainer.export(args.export)
         if trainer.rank == 0:
             log.info(f"exported the EMA tokenizer to {path}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The training loop.
+"""The generator trainer (the loop around train_step, and checkpoints, are loop.py's).
 
 One optimizer step = `grad_accum` micro-batches per process, `global_batch` samples in all.
 Weights and optimizer state are fp32 (master weights); compute is bf16 autocast on CUDA and fp32
@@ -9,32 +9,25 @@ resumed run repeats the uninterrupted one exactly.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
 import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from flowtok_fast.models.generator import FlowTokGenerator
 from flowtok_fast.models.text import TextDecoder
 from flowtok_fast.objective import LOSS_TERMS, FlowTokObjective
-from flowtok_fast.train import checkpoint as train_ckpt
 from flowtok_fast.train.config import TrainConfig
 from flowtok_fast.train.data import ShardedBatches, build_source
 from flowtok_fast.train.ema import EMA
 from flowtok_fast.train.frozen import build_frozen, caption_ids
+from flowtok_fast.train.loop import TrainLoop
 from flowtok_fast.train.parallelize import grad_sync, parallelize
-
-log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -45,27 +38,9 @@ def micro_batch_seed(seed: int, step: int, micro_index: int) -> int:
     return int(np.random.SeedSequence([seed, step, micro_index]).generate_state(1, np.uint64)[0])
 
 
-class _SigtermFlag:
-    """SIGTERM (e.g. a preempted job) sets a flag; the loop saves a checkpoint and returns."""
+class Trainer(TrainLoop):
+    LOG_TERMS = LOSS_TERMS
 
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-class Trainer:
     def __init__(self, cfg: TrainConfig, device: torch.device | str | None = None, dataset=None):
         self.cfg = cfg
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -115,10 +90,6 @@ class Trainer:
 
     # ------------------------------------------------------------ pieces
 
-    def _info(self, msg: str) -> None:
-        if self.rank == 0:
-            log.info(msg)
-
     def lr_at(self, step: int) -> float:
         """Linear warm-up over `warmup_steps`, then constant."""
         return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
@@ -126,44 +97,13 @@ class Trainer:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
-    def _extra(self) -> dict[str, int]:
-        return {"step": self.step, **{f"data_{k}": v for k, v in self.data.state_dict().items()}}
-
-    def save_checkpoint(self) -> Path:
-        path = train_ckpt.save(
-            self.output_dir, self.step, self.model, self.optimizer, self.ema, self._extra(),
-            self.cfg.to_dict(), self.cfg.keep_checkpoints,
-        )
-        self._info(f"saved checkpoint {path}")
-        return path
-
-    def load_checkpoint(self, path: str | Path) -> None:
-        extra = train_ckpt.load(path, self.model, self.optimizer, self.ema, self._extra())
-        self.step = extra["step"]
-        self.data.load_state_dict({k.removeprefix("data_"): v for k, v in extra.items() if k.startswith("data_")})
-        self._info(f"resumed from {path} at step {self.step}")
-
-    def _maybe_resume(self) -> None:
-        if self.cfg.resume == "none":
-            return
-        if self.cfg.resume == "auto":
-            found = train_ckpt.list_checkpoints(self.output_dir)
-            if found:
-                self.load_checkpoint(found[-1])
-            return
-        self.load_checkpoint(self.cfg.resume)
-
     # ------------------------------------------------------------ one step
 
     def train_step(self) -> dict[str, float]:
         """Forward/backward of this process's micro-batches, then one optimizer and EMA update.
         Raises NonFiniteLossError (before touching the weights) if any loss term is not finite."""
-        lr = self.lr_at(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.model.train()
+        lr, micro_batches = self._begin_step()
         sums = torch.zeros(len(LOSS_TERMS), device=self.device)
-        micro_batches = self.data.next_step()
         for m, (index, batch) in enumerate(micro_batches):
             torch.manual_seed(micro_batch_seed(self.cfg.seed, self.step, index))
             with grad_sync(self.model, m == len(micro_batches) - 1):
@@ -185,52 +125,6 @@ class Trainer:
         self.step += 1
         return {"step": self.step, "lr": lr, **values}
 
-    # ------------------------------------------------------------ the loop
-
-    def _stop_agreed(self, requested: bool) -> bool:
-        # every rank must stop at the same step, or the others would wait in a collective
-        flag = torch.tensor([float(requested)], device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def train(self) -> list[dict]:
-        """Run until `steps`; returns this run's per-step metrics. Checkpoints every
-        `ckpt_interval` steps, at the end, and on SIGTERM (then returns early)."""
-        cfg = self.cfg
-        metrics_file = self.output_dir / "metrics.jsonl"
-        if self.rank == 0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0 or not cfg.progress, desc="train")
-        window_start, window_steps = time.perf_counter(), 0
-        with _SigtermFlag() as sigterm, logging_redirect_tqdm():  # log lines print above the bar
-            while self.step < cfg.steps:
-                row = self.train_step()
-                window_steps += 1
-                now = time.perf_counter()
-                row["samples_per_s"] = cfg.global_batch * window_steps / max(now - window_start, 1e-9)
-                self.history.append(row)
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.1f}")
-                if self.rank == 0:
-                    with metrics_file.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-                if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
-                    terms = " | ".join(f"{k} {row[k]:.4f}" for k in LOSS_TERMS)
-                    self._info(
-                        f"step {self.step}/{cfg.steps} | {terms} | lr {row['lr']:.2e} | "
-                        f"{row['samples_per_s']:.1f} samples/s"
-                    )
-                    window_start, window_steps = time.perf_counter(), 0
-                stop = self._stop_agreed(sigterm.requested)
-                if stop or self.step % cfg.ckpt_interval == 0 or self.step == cfg.steps:
-                    self.save_checkpoint()
-                if stop:
-                    self._info(f"SIGTERM: stopped after step {self.step}, checkpoint saved")
-                    break
-        bar.close()
-        return self.history
-
 
 def setup_distributed() -> torch.device:
     """Under torchrun (WORLD_SIZE set): init the process group (NCCL on CUDA, gloo on CPU) and
@@ -244,3 +138,17 @@ def setup_distributed() -> torch.device:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def distributed_run():
+    """For a CLI entry point: logging on, the process group up (under torchrun) for the block and
+    torn down after it even on error, so a failed rank does not leave the others hanging.
+    Yields this process's device."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    device = setup_distributed()
+    try:
+        yield device
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
