@@ -30,15 +30,15 @@ LOSS_TERMS = ("loss", "flow", "align", "kl", "text_dec")  # the keys of FlowTokO
 T_SAMPLINGS = ("logit_normal", "uniform")
 
 
-def sample_t(batch: int, device: torch.device | str, kind: str = "logit_normal") -> torch.Tensor:
-    """Flow times, one per sample: t = sigmoid(N(0, 1)) (the reference), or t ~ U(0, 1). Short
-    runs may prefer uniform: logit-normal puts 1.4% of samples below t = 0.1, where the generator
-    must read the source alone."""
+def sample_t(batch: int, device: torch.device | str, kind: str = "logit_normal", loc: float = 0.0, scale: float = 1.0) -> torch.Tensor:
+    """Flow times, one per sample: t = sigmoid(N(loc, scale^2)) (the reference: loc 0, scale 1),
+    or t ~ U(0, 1). loc < 0 puts more samples near t = 0, where the generator must read the
+    source alone (the reference puts 1.4% below t = 0.1; loc -1.5 puts 24% there)."""
     if kind == "uniform":
         return torch.rand(batch, device=device)
     if kind != "logit_normal":
         raise ValueError(f"t sampling {kind!r}: expected one of {T_SAMPLINGS}")
-    return torch.sigmoid(torch.randn(batch, device=device))
+    return torch.sigmoid(torch.randn(batch, device=device) * scale + loc)
 
 
 def flow_path(z_src: torch.Tensor, z_dst: torch.Tensor, t: torch.Tensor, sigma_min: float = SIGMA_MIN):
@@ -131,11 +131,14 @@ class FlowTokObjective(nn.Module):
     """
 
     def __init__(self, generator: nn.Module, weights: LossWeights = LossWeights(), direction: str = "t2i",
-                 text_decoder: nn.Module | None = None, t_sampling: str = "logit_normal"):
+                 text_decoder: nn.Module | None = None, t_sampling: str = "logit_normal",
+                 t_logit_loc: float = 0.0, t_logit_scale: float = 1.0):
         super().__init__()
         if t_sampling not in T_SAMPLINGS:
             raise ValueError(f"unknown t sampling '{t_sampling}': expected one of {T_SAMPLINGS}")
-        self.t_sampling = t_sampling
+        if not t_logit_scale > 0:
+            raise ValueError(f"t_logit_scale must be > 0, got {t_logit_scale}")
+        self.t_sampling, self.t_logit = t_sampling, (t_logit_loc, t_logit_scale)
         if direction not in DIRECTIONS:
             raise ValueError(f"unknown direction '{direction}': expected one of {DIRECTIONS}")
         if weights.kl_form not in KL_FORMS:
@@ -160,7 +163,7 @@ class FlowTokObjective(nn.Module):
         z_text = TextVAE.sample(mu, logvar)
         src, dst = (z_text, z_img.float()) if self.direction == "t2i" else (z_img.float(), z_text)
         indicator, dst = cfg_drop(dst, torch.rand(b, device=device) < w.cfg_prob)
-        t = sample_t(b, device, self.t_sampling)
+        t = sample_t(b, device, self.t_sampling, *self.t_logit)
         x_t, v = flow_path(src, dst, t)
         flow = flow_loss(gen(x_t, t, indicator), v)
 

@@ -218,9 +218,19 @@ class Scene:
         return cls(d["caption"], d["objects"], d["relation"], d["background"])
 
 
-def scene_for(caption: str, rng: np.random.Generator, resolution: int = 32, backgrounds=("black",)) -> Scene:
+def scene_for(caption: str, rng: np.random.Generator, resolution: int = 32, backgrounds=("black",),
+              jitter: float = 1.0) -> Scene:
     """Place the caption's objects: one object large near the centre; two objects smaller, in
-    the slots their relation names (top/bottom or left/right), jittered so they never touch."""
+    the slots their relation names (top/bottom or left/right), jittered so they never touch.
+    `jitter` in [0, 1] scales every random offset and size range around its middle (0: one
+    image per caption and background)."""
+    if not 0.0 <= jitter <= 1.0:
+        raise ValueError(f"jitter must be in [0, 1], got {jitter}")
+
+    def uniform(lo, hi):
+        mid, half = (lo + hi) / 2, (hi - lo) / 2 * jitter
+        return rng.uniform(mid - half, mid + half)
+
     p = parse_caption(caption)
     if not p.exact:
         raise ValueError(f"not a caption of the grammar: {caption!r}")
@@ -230,11 +240,11 @@ def scene_for(caption: str, rng: np.random.Generator, resolution: int = 32, back
     for slot, (colour, shape) in slots.items():
         cx, cy = SLOT_CENTRES[slot]
         if single:
-            size = rng.uniform(0.40, 0.55)
-            cx, cy = cx + rng.uniform(-0.08, 0.08), cy + rng.uniform(-0.08, 0.08)
+            size = uniform(0.40, 0.55)
+            cx, cy = cx + uniform(-0.08, 0.08), cy + uniform(-0.08, 0.08)
         else:
-            size = rng.uniform(0.25, 0.33)
-            along, across = rng.uniform(-0.03, 0.03), rng.uniform(-0.08, 0.08)
+            size = uniform(0.30, 0.36)  # 10-12 px at 32 px: shapes stay legible after a 32 px tokenizer
+            along, across = uniform(-0.03, 0.03), uniform(-0.08, 0.08)
             if AXIS[slot] == "y":
                 cx, cy = cx + across, cy + along
             else:
@@ -281,6 +291,7 @@ class DatasetSpec:
     seed: int
     resolution: int = 32
     backgrounds: tuple[str, ...] = ("black",)
+    jitter: float = 1.0  # scales the random placement and size ranges (scene_for)
 
 
 def generate(spec: DatasetSpec) -> list[tuple[Scene, np.ndarray]]:
@@ -289,7 +300,7 @@ def generate(spec: DatasetSpec) -> list[tuple[Scene, np.ndarray]]:
     for i in range(spec.count):
         rng = np.random.default_rng([spec.seed, i])
         caption = spec.captions[int(rng.integers(len(spec.captions)))]
-        scene = scene_for(caption, rng, spec.resolution, spec.backgrounds)
+        scene = scene_for(caption, rng, spec.resolution, spec.backgrounds, spec.jitter)
         out.append((scene, render(scene, spec.resolution)))
     return out
 

@@ -265,22 +265,30 @@ def sample_and_evaluate(cfg: dict, out: Path, splits, gen, tok, clip, results: d
     rng = np.random.default_rng(cfg["seed"] + 99)
     evals = {}
     grid_images, grid_caps = [], []
-    for name in ("new", "held_out"):
+    def generate(prompts, cfg_scale):
+        opts = SamplingOptions(steps=sc["steps"], cfg_scale=cfg_scale, seed=cfg["seed"])
+        feats = pipe.encode_text(prompts)
+        lat = pipe.flow(pipe.text_latents(feats, pipe.generator_rng(opts.seed)), opts)
+        return lat, feats, pipe.decode(lat, feats)
+
+    for name in ("new", "held_out", "train"):  # train: prompts seen in training (fit vs generalisation)
         pool = list(getattr(splits, name))
         prompts = [pool[i] for i in rng.choice(len(pool), size=min(sc["prompts"], len(pool)), replace=False)]
-        opts = SamplingOptions(steps=sc["steps"], cfg_scale=sc["cfg_scale"], seed=cfg["seed"])
-        feats = pipe.encode_text(prompts)
-        z_text = pipe.text_latents(feats, pipe.generator_rng(opts.seed))
-        lat = pipe.flow(z_text, opts)
-        images = pipe.decode(lat, feats)
+        lat, feats, images = generate(prompts, sc["cfg_scale"])
         rates, scores = E.evaluate_images(to_uint8(images), prompts)
+        if name == "train":
+            evals[name] = rates
+            continue
         # what the latents alone carry (decoded without the prompt), and a control: the prompt's
         # text with latents generated for OTHER prompts (how much the decoder's guidance draws alone)
         null = clip(tokenize([""])).expand(len(prompts), -1, -1)
         no_text, _ = E.evaluate_images(to_uint8(pipe.decode(lat, null)), prompts)
         perm = torch.roll(torch.arange(len(prompts)), 1)
         other, _ = E.evaluate_images(to_uint8(pipe.decode(lat[perm], feats)), prompts)
+        other_scales = {str(c): E.evaluate_images(to_uint8(generate(prompts, c)[2]), prompts)[0]
+                        for c in sc.get("compare_cfg_scales", [])}
         evals[name] = {**rates, "decoded_without_text": no_text, "control_other_prompts_latents": other,
+                       "other_cfg_scales": other_scales,
                        "examples": [{"prompt": s.caption, "colour_correct": s.colour_correct, "shape_correct": s.shape_correct,
                                      "objects": s.objects} for s in scores[:16]]}
         grid_images += to_uint8(images[:16])
@@ -418,11 +426,14 @@ def caption_and_evaluate(cfg: dict, out: Path, sets, gen, tok, text_decoder, res
         scenes = sets[name][: cc["images"]]
         refs = [s.caption for s, _ in scenes]
         px = to_tensor([im for _, im in scenes])
-        captions = []
-        for i in range(0, len(px), 100):
-            captions += cap(px[i:i + 100], steps=cc["steps"], cfg_scale=cc["cfg_scale"])
+        def caption(cfg_scale):
+            return [c for i in range(0, len(px), 100) for c in cap(px[i:i + 100], steps=cc["steps"], cfg_scale=cfg_scale)]
+
+        captions = caption(cc["cfg_scale"])
         rates, scores = E.evaluate_captions(captions, refs)
         entry = dict(rates)
+        entry["exact_match"] = sum(c == r or c in D.equivalent_captions(r) for c, r in zip(captions, refs)) / max(len(refs), 1)
+        entry["other_cfg_scales"] = {str(c): E.evaluate_captions(caption(c), refs)[0] for c in cc.get("compare_cfg_scales", [])}
         try:
             from flowtok_fast.metrics import caption_metrics
 

@@ -47,6 +47,8 @@ class TrainConfig:
     kl_form: str = "reference"  # reference (sum over the local batch) | per_sample
     cfg_prob: float = 0.1
     t_sampling: str = "logit_normal"  # logit_normal (the reference) | uniform
+    t_logit_loc: float = 0.0  # logit_normal: t = sigmoid(N(loc, scale^2)); the reference is (0, 1)
+    t_logit_scale: float = 1.0
     latent_sampling: str = "sample"  # image latents: sample (the reference) | mean (the posterior mean)
     text_decoder: bool = True  # image-to-text: train the Z_T -> CLIP ids decoder jointly
     text_dec_weight: float = 1.0

@@ -61,7 +61,8 @@ class Trainer(TrainLoop):
         decoder = None
         if cfg.direction == "i2t" and cfg.text_decoder:
             decoder = TextDecoder(model_cfg.text_vae, model_cfg.clip.vocab_size)
-        self.objective = FlowTokObjective(generator, cfg.loss_weights(), cfg.direction, decoder, cfg.t_sampling).to(self.device)
+        self.objective = FlowTokObjective(generator, cfg.loss_weights(), cfg.direction, decoder, cfg.t_sampling,
+                                          cfg.t_logit_loc, cfg.t_logit_scale).to(self.device)
         self.model = parallelize(
             self.objective, cfg.parallelism, self.device,
             cfg.fused_kernels, cfg.recompute, cfg.compile_blocks,

@@ -61,8 +61,8 @@ def test_loss_weights_default_by_direction():
 
 def test_sampling_choices_and_generator_shape_override():
     cfg = load_config(None, ["t_sampling=uniform", "latent_sampling=mean", "generator_depth=3", "generator_width=64",
-                             "generator_heads=4"])
-    assert (cfg.t_sampling, cfg.latent_sampling) == ("uniform", "mean")
+                             "generator_heads=4", "t_logit_loc=-1.5"])
+    assert (cfg.t_sampling, cfg.latent_sampling, cfg.t_logit_loc, cfg.t_logit_scale) == ("uniform", "mean", -1.5, 1.0)
     model = cfg.model_config()
     assert (model.generator.depth, model.generator.width, model.generator.heads) == (3, 64, 4)
     assert model.name == "tiny" and model.text_vae == load_config(None).model_config().text_vae

@@ -141,6 +141,15 @@ def test_sample_t_uniform_option_and_bad_kind():
         obj.sample_t(4, "cpu", "cosine")
     with pytest.raises(ValueError, match="t sampling"):
         obj.FlowTokObjective(torch.nn.Linear(1, 1), t_sampling="cosine")
+    with pytest.raises(ValueError, match="t_logit_scale"):
+        obj.FlowTokObjective(torch.nn.Linear(1, 1), t_logit_scale=0.0)
+
+
+def test_sample_t_logit_normal_location_and_scale():
+    torch.manual_seed(1)
+    t = obj.sample_t(40000, "cpu", "logit_normal", -1.5, 0.5)
+    logit = torch.log(t / (1 - t))
+    assert logit.mean().item() == pytest.approx(-1.5, abs=0.02) and logit.std().item() == pytest.approx(0.5, abs=0.02)
 
 
 def _objective(direction="t2i", **weights):
