@@ -163,3 +163,15 @@ def test_smoke_run_of_the_whole_chain(tmp_path):
     assert pipe(["a red circle"], steps=2, output="tensor").shape == (1, 3, 32, 32)
     cap = FlowTokCaptioner.from_pretrained(str(tmp_path / "i2t" / "model"), device="cpu")
     assert len(cap(torch.rand(1, 3, 32, 32), steps=2)) == 1
+
+
+def test_cli_verb_runs_the_example(capsys):
+    from flowtok_fast.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["example", "shapes", "--help"])
+    assert exit_info.value.code == 0
+    assert "flowtok-fast example shapes" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:  # an unknown example is an argparse error (code 2)
+        cli_main(["example", "mnist"])
+    assert exit_info.value.code == 2

@@ -143,17 +143,18 @@ def make_data(cfg: dict, out: Path, results: dict):
     res, seed = cfg["resolution"], cfg["seed"]
     splits = D.make_splits(tuple(tuple(c) for c in dc["held_out_combos"]), dc["new_fraction"], seed)
     bgs = tuple(dc["backgrounds"])
+    jitter = float(dc.get("jitter", 1.0))
     specs = {
-        "train": D.DatasetSpec("train", splits.train, dc["train_size"], seed * 1000 + 1, res, bgs),
-        "new": D.DatasetSpec("new", splits.new, dc["eval_size"], seed * 1000 + 2, res, bgs),
-        "held_out": D.DatasetSpec("held_out", splits.held_out, dc["eval_size"], seed * 1000 + 3, res, bgs),
+        "train": D.DatasetSpec("train", splits.train, dc["train_size"], seed * 1000 + 1, res, bgs, jitter),
+        "new": D.DatasetSpec("new", splits.new, dc["eval_size"], seed * 1000 + 2, res, bgs, jitter),
+        "held_out": D.DatasetSpec("held_out", splits.held_out, dc["eval_size"], seed * 1000 + 3, res, bgs, jitter),
     }
     written = {}
     for name, spec in specs.items():
         written[name] = D.write_shards(D.generate(spec), out / "shards", name, dc["per_shard"])
     # the rest of the chain reads the shards back, as a real pipeline would
     sets = {name: D.read_shards(w["shards"]) for name, w in written.items()}
-    results["data"] = {"splits": splits.to_dict(), "resolution": res, "backgrounds": list(bgs),
+    results["data"] = {"splits": splits.to_dict(), "resolution": res, "backgrounds": list(bgs), "jitter": jitter,
                        "shard_writer": written["train"]["writer"],
                        "shards": {k: {"count": w["count"], "files": len(w["shards"])} for k, w in written.items()}}
     # the evaluator on ground truth first: it should be (near) 100%
