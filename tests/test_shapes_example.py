@@ -152,7 +152,8 @@ def test_smoke_run_of_the_whole_chain(tmp_path):
 
     tok = load_exported(tmp_path / "tokenizer" / "export")
     assert not tok.latent_norm.is_reference()
-    for part in ("tokenizer/export/model.safetensors", "t2i/model/config.json", "i2t/model/config.json", "latents.pt"):
+    for part in ("tokenizer/export/model.safetensors", "t2i/model/config.json", "i2t/model/config.json", "latents.pt",
+                 "results.md"):
         assert (tmp_path / part).is_file(), part
     # the saved models load back through the package's own entry points
     from flowtok_fast.captioning import FlowTokCaptioner

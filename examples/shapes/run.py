@@ -185,6 +185,7 @@ def train_tokenizer(cfg: dict, out: Path, sets, clip, results: dict):
                                               "output_dir": str(out / "tokenizer"), "seed": cfg["seed"]})
     trainer = TokenizerTrainer(tcfg, device="cpu", dataset=D.ImageTextDataset(sets["train"]), clip=clip)
     history = trainer.train()
+    _stop_if_interrupted(trainer)
     tok = trainer.ema_tokenizer().eval()
     # the flow space: each latent element standardised over the training images' posterior means
     # (flowtok_fast/models/latent_norm.py); the export carries it to every later stage
@@ -228,6 +229,13 @@ def pretokenize(tok, dataset, batch: int = 200) -> torch.Tensor:
         px = dataset.batch(list(range(i, min(i + batch, len(dataset)))))["pixels"]
         moments.append(tok.encoder(px, tok.latent_tokens).float())
     return torch.cat(moments)
+
+
+def _stop_if_interrupted(trainer) -> None:
+    """The trainers save and return early on SIGTERM; the chain must not go on with a half-trained model."""
+    if trainer.step < trainer.cfg.steps:
+        raise SystemExit(f"{type(trainer).__name__} stopped at step {trainer.step} of {trainer.cfg.steps} "
+                         f"(SIGTERM?): its checkpoint is in {trainer.output_dir}; the example stops here")
 
 
 def _train_config(section: dict, out_dir: Path, seed: int, direction: str, tokenizer_weights: Path):
@@ -407,6 +415,7 @@ def train_flow(direction: str, cfg: dict, out: Path, moments, ids, clip, vae, to
     if direction == "i2t" or cfg["text_autoencoder"].get("freeze_for_t2i", False):
         use_pretrained_text_vae(trainer, vae)
     history = trainer.train()
+    _stop_if_interrupted(trainer)
     results[direction] = {"steps": trainer.step, "loss_first": history[0]["loss"] if history else None,
                           "loss_last": history[-1]["loss"] if history else None,
                           "flow_last": history[-1]["flow"] if history else None,
@@ -526,7 +535,34 @@ def main(argv: list[str] | None = None) -> int:
                        for k, v in results.get("i2t", {}).get("eval", {}).items()},
                "timings": {k: results["timings"][k] for k in ("t2i_end_to_end_s", "i2t_end_to_end_s", "total_s")}}
     print(json.dumps(_rounded(summary), indent=2))
+    table = results_table(results)
+    (out / "results.md").write_text(table)
+    print(table)
     return 0
+
+
+def results_table(results: dict) -> str:
+    """The headline numbers as a markdown table (the README's Results section is pasted from it)."""
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    rows = ["| direction | split | colour | shape | both right | everything right | other |", "|---|---|---|---|---|---|---|"]
+    for name, ev in results.get("t2i", {}).get("eval", {}).items():
+        other = "; ".join(f"CFG {c}: colour {pct(r['colour_accuracy'])}, shape {pct(r['shape_accuracy'])}"
+                          for c, r in ev.get("other_cfg_scales", {}).items())
+        rows.append(f"| t2i (CFG {results['t2i']['sampling']['cfg_scale']}) | {name} | {pct(ev.get('colour_accuracy'))} | "
+                    f"{pct(ev.get('shape_accuracy'))} | {pct(ev.get('object_accuracy'))} | {pct(ev.get('image_accuracy'))} | {other} |")
+    for name, ev in results.get("i2t", {}).get("eval", {}).items():
+        other = "; ".join(f"CFG {c}: colour {pct(r['colour_accuracy'])}, shape {pct(r['shape_accuracy'])}"
+                          for c, r in ev.get("other_cfg_scales", {}).items())
+        bleu = f"BLEU-4 {ev['BLEU-4']:.3f}, exact match {pct(ev.get('exact_match'))}" if "BLEU-4" in ev else ""
+        rows.append(f"| i2t (CFG {results['i2t']['captioning']['cfg_scale']}) | {name} | {pct(ev.get('colour_accuracy'))} | "
+                    f"{pct(ev.get('shape_accuracy'))} | {pct(ev.get('object_accuracy'))} | {pct(ev.get('layout_accuracy'))} | "
+                    f"{'; '.join(x for x in (bleu, other) if x)} |")
+    t = results.get("timings", {})
+    rows.append("")
+    rows.append(f"End to end (wall): t2i {t.get('t2i_end_to_end_s')} s, i2t {t.get('i2t_end_to_end_s')} s, "
+                f"whole run {t.get('total_s')} s; stages: "
+                + ", ".join(f"{k} {v['wall_s']} s" for k, v in t.get("stages", {}).items()))
+    return "\n".join(rows) + "\n"
 
 
 if __name__ == "__main__":
