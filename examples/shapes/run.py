@@ -183,20 +183,21 @@ def train_tokenizer(cfg: dict, out: Path, sets, clip, results: dict):
     tc = dict(cfg["tokenizer"])
     tcfg = load_tokenizer_config(None, [], **{**tc, "model": "tiny", "resolution": cfg["resolution"],
                                               "output_dir": str(out / "tokenizer"), "seed": cfg["seed"]})
-    trainer = TokenizerTrainer(tcfg, device="cpu", dataset=D.ImageTextDataset(sets["train"]), clip=clip)
+    train_ds = D.ImageTextDataset(sets["train"])
+    trainer = TokenizerTrainer(tcfg, device="cpu", dataset=train_ds, clip=clip)
     history = trainer.train()
     _stop_if_interrupted(trainer)
     tok = trainer.ema_tokenizer().eval()
     # the flow space: each latent element standardised over the training images' posterior means
     # (flowtok_fast/models/latent_norm.py); the export carries it to every later stage
-    train_px = D.ImageTextDataset(sets["train"])
-    tok.latent_norm.set(*fit_latent_norm(pretokenize(tok, train_px)))
+    moments = pretokenize(tok, train_ds)  # what the generators train on (saved by the pretokenize stage)
+    tok.latent_norm.set(*fit_latent_norm(moments))
     export = export_tokenizer(tok, out / "tokenizer" / "export", {"step": trainer.step, "ema": True, "latent_norm": "fitted"})
     first, last = history[0] if history else {}, history[-1] if history else {}
     results["tokenizer"] = {"steps": trainer.step, "export": str(export),
                             "loss_first": first.get("loss"), "loss_last": last.get("loss"),
                             "l2_last": last.get("l2"), "config": tcfg.to_dict()}
-    return tok
+    return tok, train_ds, moments
 
 
 @torch.no_grad()
@@ -493,11 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         splits, sets = make_data(cfg, out, results)
         clip = build_clip(cfg)
     with clock.stage("tokenizer"):
-        tok = train_tokenizer(cfg, out, sets, clip, results)
+        tok, train_ds, moments = train_tokenizer(cfg, out, sets, clip, results)
         check_tokenizer(tok, clip, sets, results)
-    with clock.stage("pretokenize"):
-        train_ds = D.ImageTextDataset(sets["train"])
-        moments = pretokenize(tok, train_ds)
+    with clock.stage("pretokenize"):  # the moments come from the tokenizer stage's norm fit
         torch.save({"moments": moments, "captions": train_ds.captions}, out / ".latents.pt.tmp")
         os.replace(out / ".latents.pt.tmp", out / "latents.pt")
     tokenizer_weights = out / "tokenizer" / "export" / "model.safetensors"  # encoder, decoder and latent norm

@@ -32,7 +32,7 @@ class LatentNorm(nn.Module):
     @staticmethod
     def reference_state_dict(prefix: str = "") -> dict[str, torch.Tensor]:
         """The published tokenizers' (implicit) values, for checkpoints without these keys."""
-        return {f"{prefix}shift": torch.zeros(SHAPE), f"{prefix}scale": torch.full(SHAPE, LATENT_SCALE)}
+        return {prefix + k: v for k, v in LatentNorm().state_dict().items()}
 
     def is_reference(self) -> bool:
         return bool((self.shift == 0).all() and (self.scale == LATENT_SCALE).all())
@@ -56,6 +56,18 @@ class LatentNorm(nn.Module):
     def from_flow(self, x: torch.Tensor) -> torch.Tensor:
         """flow latents [B, 77, 16] -> posterior layout [B, 16, 1, 77]."""
         return (x / self.scale + self.shift).transpose(1, 2).unsqueeze(2)
+
+
+def posterior_latents(moments: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Posterior moments [B, 32, 1, 77] -> z [B, 16, 1, 77] in fp32: the mean, or a sample with
+    logvar clamped to [-30, 20] as the reference does."""
+    mean, logvar = moments.float().chunk(2, dim=1)
+    if not sample:
+        return mean
+    # not randn_like: it would follow the conv output's channels-last strides, and the same seed
+    # would give different noise from one caller to another
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps
 
 
 @torch.no_grad()

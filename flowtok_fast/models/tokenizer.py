@@ -10,7 +10,7 @@ from torch import nn
 
 from flowtok_fast.configs import NUM_TOKENS, TOKEN_CHANNELS, TokenizerConfig
 from flowtok_fast.models.generator import Attention
-from flowtok_fast.models.latent_norm import LatentNorm
+from flowtok_fast.models.latent_norm import LatentNorm, posterior_latents
 from flowtok_fast.models.rope import rope_2d_tables
 from flowtok_fast.ops import UsesOps, use
 
@@ -161,13 +161,7 @@ class FlowTiTok(nn.Module):
         r = self.cfg.resolution
         if pixels.dim() != 4 or pixels.shape[1:] != (3, r, r):
             raise ValueError(f"pixels must be [B, 3, {r}, {r}] in [0, 1], got {tuple(pixels.shape)}")
-        moments = self.encoder(pixels, self.latent_tokens).float()  # posterior in fp32
-        mean, logvar = moments.chunk(2, dim=1)
-        z = mean
-        if sample:
-            logvar = logvar.clamp(-30.0, 20.0)
-            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            z = mean + torch.exp(0.5 * logvar) * eps
+        z = posterior_latents(self.encoder(pixels, self.latent_tokens), sample, generator)
         return self.latent_norm.to_flow(z)  # [B,16,1,77] -> [B,77,16]
 
     def decode(self, latents: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torch import nn
 
 from flowtok_fast import checkpoint as ckpt
 from flowtok_fast.configs import NUM_TOKENS, FlowTokConfig
-from flowtok_fast.models.latent_norm import LatentNorm
+from flowtok_fast.models.latent_norm import LatentNorm, posterior_latents
 from flowtok_fast.models.text import ClipTextEncoder, tokenize
 from flowtok_fast.models.tokenizer import TokenizerEncoder
 from flowtok_fast.train.data import validate_batch
@@ -30,13 +30,7 @@ def latents_from_moments(moments: torch.Tensor, norm: LatentNorm | None = None, 
     tokenizer's latent normalisation (default: the reference's x 1.0143), as FlowTiTok.encode does."""
     if sampling not in LATENT_SAMPLING:
         raise ValueError(f"latent sampling {sampling!r}: expected one of {LATENT_SAMPLING}")
-    mean, logvar = moments.float().chunk(2, dim=1)
-    z = mean
-    if sampling == "sample":
-        # not randn_like: it would follow the conv output's channels-last strides, and the same seed
-        # would give different noise than FlowTiTok.encode
-        eps = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
-        z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps
+    z = posterior_latents(moments, sampling == "sample")
     return (norm or LatentNorm().to(z.device)).to_flow(z)
 
 
