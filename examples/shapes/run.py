@@ -535,7 +535,9 @@ def main(argv: list[str] | None = None) -> int:
                "timings": {k: results["timings"][k] for k in ("t2i_end_to_end_s", "i2t_end_to_end_s", "total_s")}}
     print(json.dumps(_rounded(summary), indent=2))
     table = results_table(results)
-    (out / "results.md").write_text(table)
+    tmp = out / ".results.md.tmp"
+    tmp.write_text(table)
+    os.replace(tmp, out / "results.md")  # never a half-written table
     print(table)
     return 0
 
