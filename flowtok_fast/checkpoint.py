@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flowtok_fast.errors import UserError
 from flowtok_fast.configs import GENERATORS, TINY, FlowTokConfig, GeneratorConfig, TokenizerConfig, get_config
 from flowtok_fast.models.embeddings import sincos_1d
 from flowtok_fast.models.latent_norm import LatentNorm
@@ -26,7 +27,7 @@ WEIGHTS_FILE = "model.safetensors"
 COMPONENTS = ("generator", "tokenizer", "clip", "text_decoder")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     pass
 
 
