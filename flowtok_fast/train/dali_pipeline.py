@@ -112,9 +112,9 @@ class DaliSource:
         if len(paths) < world_size:
             raise ValueError(f"{len(paths)} shard(s) for {world_size} processes: rank r reads shards r::{world_size}, so every rank needs one")
         self.shards = paths[rank::world_size]
-        self._skips = SkipLog(f"DALI webdataset shards (rank {rank})")
+        self.skips = SkipLog(f"DALI webdataset shards (rank {rank})")
         # write (validated) indices where missing: DALI needs them and cannot skip a bad image
-        self.table = ShardTable.build(self.shards, "pixels", self._skips.counts, index_dir, write=True,
+        self.table = ShardTable.build(self.shards, "pixels", self.skips.counts, index_dir, write=True,
                                       validate=validate, threads=num_threads, progress=progress and rank == 0)
         self.plan = EpochPlan(self.table, micro_batch, seed, rank)
         self.batches = 0
@@ -124,11 +124,11 @@ class DaliSource:
             log.info("DALI (%s): rank 0 reads %d of %d shard(s), %d usable samples, %d micro-batches of %d per epoch",
                      "GPU %d" % device_id if device_id is not None else "CPU", len(self.shards), len(paths),
                      len(self.table), self.plan.batches_per_epoch, micro_batch)
-        self._skips.maybe_log(force=True)
+        self.skips.maybe_log(force=True)
 
     @property
     def skipped(self):
-        return self._skips.counts
+        return self.skips.counts
 
     def _start_epoch(self) -> None:
         """A pipeline over the rest of the current epoch, from micro-batch `self.batches` on."""

@@ -46,7 +46,6 @@ import os
 import re
 import sys
 import tarfile
-import time
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -56,6 +55,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from flowtok_fast.configs import NUM_TOKENS, TOKEN_CHANNELS
+from flowtok_fast.train.skips import SkipLog
 from flowtok_fast.train.transforms import IMAGE_EXTS, decode_rgb, load_pixels
 
 log = logging.getLogger(__name__)
@@ -561,28 +561,6 @@ class BatchStream(IterableDataset):
 # ---------------------------------------------------------------- the trainer-facing source
 
 
-class SkipLog:
-    """Counts skipped samples by reason and logs the totals when they grow (at most every
-    `interval` seconds, and always on the first skip)."""
-
-    def __init__(self, what: str, interval: float = 60.0):
-        self.what, self.interval = what, interval
-        self.counts: Counter = Counter()
-        self._logged_total, self._logged_at = 0, None
-
-    def add(self, counts) -> None:
-        self.counts.update({k: v for k, v in dict(counts).items() if v})
-        self.maybe_log()
-
-    def maybe_log(self, force: bool = False) -> None:
-        total = sum(self.counts.values())
-        now = time.monotonic()
-        if total > self._logged_total and (force or self._logged_at is None or now - self._logged_at >= self.interval):
-            detail = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
-            log.warning("%s: skipped so far: %s", self.what, detail)
-            self._logged_total, self._logged_at = total, now
-
-
 class WebDatasetSource:
     """Training batches from webdataset shards (see the module docstring): `next_step()` gives this
     process's grad_accum micro-batches for one optimizer step, as [(global micro-batch index,
@@ -604,8 +582,8 @@ class WebDatasetSource:
             raise ValueError(f"{len(paths)} shard(s) for {world_size} processes: rank r reads shards r::{world_size}, so every rank needs one")
         self.shards = paths[rank::world_size]
         name = "pretokenized shards" if kind == "moments" else "webdataset shards"
-        self._skips = SkipLog(f"{name} (rank {rank})")
-        self.table = ShardTable.build(self.shards, kind, self._skips.counts, index_dir,
+        self.skips = SkipLog(f"{name} (rank {rank})")
+        self.table = ShardTable.build(self.shards, kind, self.skips.counts, index_dir,
                                       threads=min(8, max(1, num_workers)), progress=progress and rank == 0)
         self.plan = EpochPlan(self.table, micro_batch, seed, rank)
         self.maker = BatchMaker(self.table, self.plan, resolution)
@@ -614,12 +592,12 @@ class WebDatasetSource:
         if rank == 0:
             log.info("%s: rank 0 reads %d of %d shard(s), %d usable samples, %d micro-batches of %d per epoch",
                      name, len(self.shards), len(paths), len(self.table), self.plan.batches_per_epoch, micro_batch)
-        self._skips.maybe_log(force=True)
+        self.skips.maybe_log(force=True)
 
     @property
     def skipped(self) -> Counter:
         """Samples and shards skipped so far, by reason (listing, plus the batches consumed)."""
-        return self._skips.counts
+        return self.skips.counts
 
     @property
     def epoch(self) -> int:
@@ -642,7 +620,7 @@ class WebDatasetSource:
         if index != self.batches:
             raise RuntimeError(f"data loader gave micro-batch {index}, expected {self.batches}")
         self.batches += 1
-        self._skips.add(batch.pop("skipped"))
+        self.skips.add(batch.pop("skipped"))
         return batch
 
     def next_step(self) -> list[tuple[int, dict]]:
@@ -674,8 +652,9 @@ class WebDatasetSource:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m flowtok_fast.train.webdata SHARDS`: write a (validated) index beside each shard."""
-    p = argparse.ArgumentParser(prog="python -m flowtok_fast.train.webdata",
+    """`flowtok-fast index-shards SHARDS` (= python -m flowtok_fast.train.webdata): write a
+    (validated) index beside each shard."""
+    p = argparse.ArgumentParser(prog="flowtok-fast index-shards",
                                 description="Write DALI-compatible .idx files listing each shard's usable samples.")
     p.add_argument("shards", nargs="+", help="directories, globs or brace patterns of .tar shards")
     p.add_argument("--kind", choices=KINDS, default="pixels")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from flowtok_fast import ops
+from flowtok_fast.errors import UserError
 from flowtok_fast.train import NonFiniteLossError, Trainer, TrainConfig, load_config
 from flowtok_fast.train.checkpoint import list_checkpoints
 
@@ -102,7 +103,7 @@ def test_config_errors(tmp_path, tiny_run):
         Trainer(TrainConfig(**{**tiny_run, "model": "B", "output_dir": str(tmp_path)}), device="cpu")
     with pytest.raises(RuntimeError, match="launch with torchrun"):
         Trainer(TrainConfig(**{**tiny_run, "parallelism": "ddp", "output_dir": str(tmp_path)}), device="cpu")
-    with pytest.raises(FileNotFoundError, match="not a complete training checkpoint"):
+    with pytest.raises(UserError, match="nope is not a complete training checkpoint: it does not exist"):
         Trainer(TrainConfig(**{**tiny_run, "resume": str(tmp_path / "nope"), "output_dir": str(tmp_path)}), device="cpu")
 
 
