@@ -18,8 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(args.config, args.overrides)
     with distributed_run() as device:
-        Trainer(cfg, device=device).train()
-    return 0
+        trainer = Trainer(cfg, device=device)
+        trainer.train()
+    return trainer.exit_code()  # 130 after Ctrl-C, 143 after SIGTERM: stopped early, checkpoint saved
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -113,7 +114,7 @@ class SafeLoadPlanner(_planner.DefaultLoadPlanner):
         try:
             obj = torch.load(value, weights_only=True)
         except Exception as err:  # noqa: BLE001
-            raise CheckpointError(f"{self.directory}: entry '{fqn}' is not plain data ({short_reason(err)}); nothing more was loaded") from err
+            raise CheckpointError(f"{self.directory}: entry '{fqn}' is not plain data ({short_reason(err)})") from err
         if self.flatten_state_dict:
             _planner.set_element(self.original_state_dict, self.mappings[fqn], obj)
         else:
@@ -134,8 +135,13 @@ def short_reason(err: BaseException) -> str:
     err = innermost(err)
     if isinstance(err, CheckpointError):
         return str(err)
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    if "Weights only load failed" in str(err):
-        detail = next((ln for ln in lines if "Unsupported" in ln or "WeightsUnpickler error" in ln), "")
-        return "refused a pickled object that is not plain data" + (f": {detail}" if detail else "")
+    text = str(err)
+    if "Weights only load failed" in text or "WeightsUnpickler" in text:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if found:
+            return f"refused global {found.group(1)}"
+        after = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else ""
+        detail = next((ln.strip() for ln in after.splitlines() if ln.strip()), "")
+        return "not a plain-data pickle" + (f": {detail}" if detail else "")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__

@@ -1,6 +1,12 @@
 """What Trainer and TokenizerTrainer share: checkpoints with exact resume, and the loop around
-`train_step()` (progress bar, metrics.jsonl, logging, periodic checkpoints, SIGTERM -> checkpoint
-and stop).
+`train_step()` (progress bar, metrics.jsonl, logging, periodic checkpoints, SIGTERM or Ctrl-C ->
+checkpoint and stop; a second Ctrl-C aborts at once).
+
+Nothing is lost between runs: a resumed run first cuts `metrics.jsonl` back to the resumed step
+(so no step is logged twice after a kill -9) and deletes the temporary directories of saves that
+never finished; `resume=auto` takes the newest checkpoint that is complete and readable, warning
+about each newer broken one. The data source's skip counts (corrupt images, missing captions,
+empty shards) are saved with every checkpoint, restored on resume and printed at the end.
 
 A mixin, not a base class with its own __init__: the trainers build their models differently.
 The host class sets `cfg` (with steps, global_batch, log_interval, ckpt_interval, progress,
@@ -157,12 +163,19 @@ class TrainLoop:
         self.model.train()
         return lr, self.data.next_step()
 
-    def _stop_agreed(self, requested: bool) -> bool:
-        # every rank must stop at the same step, or the others would wait in a collective
-        flag = torch.tensor([float(requested)], device=self.device)
+    def _stop_agreed(self, requested: str | None) -> str | None:
+        """The stop signal's name if any rank got one (every rank must stop at the same step, or
+        the others would wait in a collective); SIGTERM wins over SIGINT."""
+        flag = torch.tensor([float(signal.Signals[requested].value if requested else 0)], device=self.device)
         if self.world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        number = int(flag.item())
+        return signal.Signals(number).name if number else None
+
+    def exit_code(self) -> int:
+        """For a CLI: 0 after a finished run, 128 + the signal's number after a stop on a signal."""
+        stopped = getattr(self, "stopped_by", None)
+        return 128 + signal.Signals[stopped].value if stopped else 0
 
     def train(self) -> list[dict]:
         """Run until `steps`; returns this run's per-step metrics. Checkpoints every
@@ -196,11 +209,11 @@ class TrainLoop:
                         f"{row['samples_per_s']:.1f} samples/s"
                     )
                     window_start, window_steps = time.perf_counter(), 0
-                stop = self._stop_agreed(signals.requested is not None)
+                stop = self._stop_agreed(signals.requested)
                 if stop or self.step % cfg.ckpt_interval == 0 or self.step == cfg.steps:
                     self.save_checkpoint()
                 if stop:
-                    self.stopped_by = signals.requested or "a signal on another rank"
+                    self.stopped_by = stop
                     self._info(f"{self.stopped_by}: stopped after step {self.step} of {cfg.steps}, checkpoint saved; "
                                f"run the same command again to resume")
                     break
