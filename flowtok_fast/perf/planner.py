@@ -1,9 +1,10 @@
 """Training memory planner: will a model size and per-GPU batch fit, and at what recompute cost?
 
-    flowtok-fast plan --model H --global-batch 8192 --gpus 8 --gpu-mem 80
-    python -m flowtok_fast.perf.planner --model H --global-batch 8192 --gpus 8 --gpu-mem 80
+    flowtok-fast plan --model H --global-batch 8192 --gpus 8 --gpu-mem 139   # H200
+    python -m flowtok_fast.perf.planner --model H --global-batch 8192 --gpus 8 --gpu-mem 80  # H100
 
-Per GPU (sizes in GiB; --gpu-mem is read as GiB):
+Per GPU (sizes in GiB; --gpu-mem is read as GiB and has no built-in default: this machine's GPU
+if it has one, else it must be given):
 - training state, fp32 as `flowtok_fast/train/parallelize.py` keeps it (fp32 parameters, autocast
   compute): parameters 4 B, gradients 4 B, AdamW moments 8 B, EMA 4 B per parameter; whole on
   every GPU under DDP, divided by the GPU count under FSDP2, which also holds the gathered fp32
@@ -38,16 +39,20 @@ import dataclasses
 import functools
 import gc
 import json
+import math
 import os
 import sys
+import tempfile
 
 import torch
+from tqdm.auto import tqdm
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from flowtok_fast import ops
 from flowtok_fast.configs import NUM_TOKENS, TOKEN_CHANNELS, FlowTokConfig, get_config
+from flowtok_fast.errors import UserError
 from flowtok_fast.perf import flops
 
 GIB = 1024**3
@@ -138,6 +143,18 @@ class _LiveStorages(TorchDispatchMode):
 
 
 @contextlib.contextmanager
+def _frozen_heap():
+    # everything alive before the measurement is not its garbage: gc.collect() then scans only
+    # the measurement's own objects (a full collection with torch loaded takes ~0.5 s)
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+@contextlib.contextmanager
 def _kernels_accept_cpu():
     # The fused ops refuse CPU tensors unless TRITON_INTERPRET=1 (checked at call time). Under
     # fake tensors no kernel runs (their fake implementations give shapes and dtypes), so say so.
@@ -160,10 +177,11 @@ def _fake_generator(cfg: FlowTokConfig, mode):
 
 
 @functools.cache
-def measure(model: str | FlowTokConfig, impl: str, policy: str, batch: int) -> dict:
-    """One training forward + backward at `batch` on fake tensors under bf16 autocast.
+def measure(model: str | FlowTokConfig, impl: str, policy: str, batch: int, backward: bool = True) -> dict:
+    """One training forward (+ backward) at `batch` on fake tensors under bf16 autocast.
 
-    Returns live_bytes (held for backward after the forward), forward and total FLOPs."""
+    Returns live_bytes (held for backward after the forward), forward and total FLOPs (None
+    without the backward: then no FLOPs are counted, which is faster)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -171,47 +189,75 @@ def measure(model: str | FlowTokConfig, impl: str, policy: str, batch: int) -> d
     flops.register_attention_formulas()
     mode = FakeTensorMode()
     gen = _fake_generator(cfg, mode)
-    ops.use(gen, impl)
+    ops.use(gen, impl)  # imports the kernels (if any) outside _kernels_accept_cpu: their mode is the caller's
     apply_recompute(gen, policy)
     tracker = _LiveStorages()
-    with _kernels_accept_cpu(), mode, FlopCounterMode(display=False) as counter:
+    counter = FlopCounterMode(display=False) if backward else contextlib.nullcontext()
+    with _frozen_heap(), _kernels_accept_cpu(), mode, counter:
         feats = torch.randn(batch, NUM_TOKENS, cfg.text_vae.width)
         z_img = torch.randn(batch, NUM_TOKENS, TOKEN_CHANNELS)
         with tracker, torch.autocast("cpu", dtype=torch.bfloat16):
             loss = flops.train_loss(gen, feats, z_img)
         live = tracker.live_bytes() - loss.untyped_storage().nbytes()
+        if not backward:
+            return {"live_bytes": live, "forward_flops": None, "total_flops": None}
         forward = counter.get_total_flops()
         loss.backward()
         total = counter.get_total_flops()
     return {"live_bytes": live, "forward_flops": forward, "total_flops": total}
 
 
-def _with_depth(cfg: FlowTokConfig, depth: int) -> FlowTokConfig:
-    return dataclasses.replace(cfg, generator=dataclasses.replace(cfg.generator, depth=depth))
+def _with_depths(cfg: FlowTokConfig, depth: int, vae_layers: int) -> FlowTokConfig:
+    return dataclasses.replace(cfg, generator=dataclasses.replace(cfg.generator, depth=depth),
+                               text_vae=dataclasses.replace(cfg.text_vae, layers=vae_layers))
 
 
-def activation_model(model: str | FlowTokConfig, impl: str, policy: str, batches=(2, 4), depths=(1, 2)) -> dict:
+def activation_model(model: str | FlowTokConfig, impl: str, policy: str, batches=(2, 4), depths=(1, 2),
+                     cache: bool = True) -> dict:
     """Saved bytes = const + per_sample * batch and training FLOPs per sample at the full depth.
 
-    Measured at two batch sizes and two generator depths: the DiT blocks are identical, so every
-    quantity is affine in the depth and one block's share is the difference between the two
-    depths (`depths=None` measures the full model instead: slower, same numbers)."""
-    cfg = model if isinstance(model, FlowTokConfig) else get_config(model)
-    (b1, b2), depth = batches, cfg.generator.depth
-    d1, d2 = depths or (depth, depth)
+    The DiT blocks are identical, and so are the text VAE layers: every quantity is affine in
+    the generator depth and in the VAE depth. So three small models give one block's and one
+    VAE layer's share exactly: (DiT d1, VAE d1), (d2, d1) and (d1, d2), depths 1 and 2 (not 0:
+    the first block and layer differ from the rest, tested against a full measurement). The
+    VAE layers call no ops-layer op and are
+    recomputed whole under every policy but "none", so one layer's share is measured once per
+    group ("none" or recomputed) with the reference ops. Each model runs at two batch sizes for
+    the bytes (forward only at the smaller) and fwd+bwd at the larger for the FLOPs.
+    `depths=None` measures the full model instead (slower, same numbers). Results are cached on
+    disk per shape, torch version and source (`perf/activation_cache.py`)."""
+    from flowtok_fast.perf import activation_cache
 
-    def at(d):
-        m1, m2 = (measure(_with_depth(cfg, d), impl, policy, b) for b in (b1, b2))
+    cfg = model if isinstance(model, FlowTokConfig) else get_config(model)
+    key = activation_cache.key(cfg, impl, policy, batches, depths)
+    hit = activation_cache.get(key) if cache else None
+    if hit is not None:
+        return hit
+    (b1, b2), depth, layers = batches, cfg.generator.depth, cfg.text_vae.layers
+    group = "none" if policy == "none" else "full"  # what the VAE layers do under `policy`
+
+    def at(d, e, impl, policy):
+        c = _with_depths(cfg, d, e)
+        m1, m2 = measure(c, impl, policy, b1, backward=False), measure(c, impl, policy, b2)
         per_sample = (m2["live_bytes"] - m1["live_bytes"]) / (b2 - b1)
         return {"per_sample": per_sample, "const": m1["live_bytes"] - per_sample * b1,
                 "train_flops_per_sample": m2["total_flops"] / b2, "forward_flops_per_sample": m2["forward_flops"] / b2}
 
-    lo, hi = at(d1), at(d2)
-    out = {}
-    for k in lo:
-        per_block = (hi[k] - lo[k]) / (d2 - d1) if d2 != d1 else 0.0
-        out[k] = lo[k] + (depth - d1) * per_block
-        out[k + "_per_block"] = per_block
+    if depths is None:
+        base = at(depth, layers, impl, policy)
+        out = {**base, **{k + "_per_block": 0.0 for k in base}}
+    else:
+        d1, d2 = depths
+        base, deeper = at(d1, d1, impl, policy), at(d2, d1, impl, policy)
+        vae_base, wider = at(d1, d1, "reference", group), at(d1, d2, "reference", group)
+        out = {}
+        for k in base:
+            per_block = (deeper[k] - base[k]) / (d2 - d1)
+            per_layer = (wider[k] - vae_base[k]) / (d2 - d1)
+            out[k] = base[k] + (depth - d1) * per_block + (layers - d1) * per_layer
+            out[k + "_per_block"] = per_block
+    if cache:
+        activation_cache.put(key, out)
     return out
 
 
@@ -254,23 +300,48 @@ def _param_counts(cfg: FlowTokConfig) -> tuple[int, int]:
     return total, block
 
 
-def plan(model: str = "H", global_batch: int = 8192, gpus: int = 8, gpu_mem_gb: float = 80.0,
+def _check(option: str, value, minimum, integer: bool = True, strict: bool = False) -> None:
+    """A UserError naming the option when `value` is out of range (or not finite)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > minimum if strict else value >= minimum) and (not integer or float(value).is_integer())
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        raise UserError(f"{option}: got {value!r}; expected {kind} {'>' if strict else '>='} {minimum:g}")
+
+
+def plan(model: str = "H", global_batch: int = 8192, gpus: int = 8, gpu_mem_gb: float | None = None,
          impls=("reference", "triton"), shardings=SHARDINGS, policies=tuple(POLICIES),
-         max_extra_flops: float = 0.10, reserve_gb: float = 4.0, ema: bool = True) -> dict:
-    """Every (ops, sharding, policy) at the per-GPU batch, and the cheapest that fits."""
+         max_extra_flops: float = 0.10, reserve_gb: float = 4.0, ema: bool = True, progress: bool = False) -> dict:
+    """Every (ops, sharding, policy) at the per-GPU batch, and the cheapest that fits in
+    `gpu_mem_gb` GiB per GPU (required: 80 for an H100, ~139 for an H200)."""
+    if gpu_mem_gb is None:
+        raise UserError("--gpu-mem: missing; expected the GiB per GPU (e.g. 80 for an H100, 139 for an H200)")
+    _check("--global-batch", global_batch, 1)
+    _check("--gpus", gpus, 1)
+    _check("--gpu-mem", gpu_mem_gb, 0, integer=False, strict=True)
+    _check("--reserve", reserve_gb, 0, integer=False)
+    _check("--max-extra-flops", max_extra_flops, 0, integer=False)
     if global_batch % gpus:
-        raise ValueError(f"global batch {global_batch} is not divisible by {gpus} GPUs")
+        raise UserError(f"--global-batch: {global_batch} is not divisible by --gpus {gpus}; "
+                        "expected a multiple of the GPU count")
+    for option, given, known in (("--ops", impls, ops.IMPLS), ("--sharding", shardings, SHARDINGS),
+                                 ("policies", policies, tuple(POLICIES))):
+        if not given or any(g not in known for g in given):
+            raise UserError(f"{option}: got {list(given)}; expected one or more of {list(known)}")
     cfg = model if isinstance(model, FlowTokConfig) else get_config(model)
     batch, budget = global_batch // gpus, gpu_mem_gb * GIB
     params, block_params = _param_counts(cfg)
+    needed = [(impl, p) for impl in impls for p in dict.fromkeys(("none", *policies))]
+    bar = tqdm(needed, desc=f"measuring FlowTok-{cfg.name} activations", unit="policy", disable=not progress,
+               file=sys.stderr, leave=False)
+    measured = {(impl, p): activation_model(cfg, impl, p) for impl, p in bar}
     rows = []
     for impl in impls:
-        acts = {p: activation_model(cfg, impl, p) for p in policies}
-        base = acts.get("none") or activation_model(cfg, impl, "none")
+        base = measured[(impl, "none")]
         # a recomputed block re-materialises its activations in backward: one block's share
         block_bytes = base["per_sample_per_block"] or base["per_sample"] / cfg.generator.depth
         for policy in policies:
-            a = acts[policy]
+            a = measured[(impl, policy)]
             extra = a["train_flops_per_sample"] / base["train_flops_per_sample"] - 1
             working = 0.0 if policy == "none" else block_bytes
             for sharding in shardings:
@@ -298,7 +369,7 @@ def plan(model: str = "H", global_batch: int = 8192, gpus: int = 8, gpu_mem_gb: 
         "max_extra_flops": max_extra_flops, "rows": rows, "choice": cheapest, "best_within_flops": best_within,
         "target_met": bool(best_within and best_within["fits"]),
         "method": "activations measured on fake tensors (FakeTensorMode, CPU dispatch, bf16 autocast), "
-                  "batches 2 and 4 at generator depths 1 and 2, affine fit to the full depth",
+                  "batches 2 and 4 at generator and text-VAE depths 1 and 2, affine fit to the full depths",
     }
 
 
@@ -325,27 +396,46 @@ def format_plan(p: dict) -> str:
     return "\n".join(lines)
 
 
+def local_gpu_gib() -> float | None:
+    """This machine's first CUDA GPU's memory in GiB, or None without one."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory / GIB
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="flowtok-fast plan", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="H", help="tiny or a generator size S/B/L/XL/H")
     ap.add_argument("--global-batch", type=int, default=8192)
     ap.add_argument("--gpus", type=int, default=8)
-    ap.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
+    ap.add_argument("--gpu-mem", type=float, default=None,
+                    help="GiB per GPU, e.g. 80 (H100) or 139 (H200); default: this machine's GPU (required without one)")
     ap.add_argument("--max-extra-flops", type=float, default=0.10, help="recompute budget, fraction of training FLOPs")
     ap.add_argument("--reserve", type=float, default=4.0, help="GiB kept for CUDA context, fragmentation, transients")
     ap.add_argument("--ops", nargs="+", default=["reference", "triton"], choices=ops.IMPLS)
     ap.add_argument("--sharding", nargs="+", default=list(SHARDINGS), choices=SHARDINGS)
     ap.add_argument("--no-ema", action="store_true")
+    ap.add_argument("--no-cache", action="store_true", help="measure again instead of reading the activation cache")
     ap.add_argument("--json", help="also write the plan here")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv[1:] if argv[:1] == ["--"] else argv)  # `flowtok-fast plan -- ...` passes the "--"
-    p = plan(args.model, args.global_batch, args.gpus, args.gpu_mem, tuple(args.ops), tuple(args.sharding),
-             max_extra_flops=args.max_extra_flops, reserve_gb=args.reserve, ema=not args.no_ema)
+    gpu_mem = args.gpu_mem if args.gpu_mem is not None else local_gpu_gib()
+    if args.no_cache:
+        os.environ["FLOWTOK_CACHE_DIR"] = os.devnull  # unreadable, unwritable: every model measured
+    try:
+        get_config(args.model)
+    except (KeyError, ValueError) as e:
+        raise UserError(f"--model: {e}") from None
+    p = plan(args.model, args.global_batch, args.gpus, gpu_mem, tuple(args.ops), tuple(args.sharding),
+             max_extra_flops=args.max_extra_flops, reserve_gb=args.reserve, ema=not args.no_ema, progress=True)
     print(format_plan(p))
     if args.json:
-        with open(args.json, "w") as f:
+        path = os.path.abspath(args.json)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".plan.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
             json.dump(p, f, indent=1)
+        os.replace(tmp, path)
     return 0
 
 

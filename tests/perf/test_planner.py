@@ -5,6 +5,7 @@ import json
 import pytest
 
 from flowtok_fast.configs import NUM_TOKENS, TINY
+from flowtok_fast.errors import UserError
 from flowtok_fast.perf import planner
 
 D = TINY.generator.width  # 96
@@ -61,11 +62,63 @@ def test_policies_trade_memory_for_flops(tiny_models):
 
 
 def test_depth_extrapolation_equals_full_measurement():
-    deeper = dataclasses.replace(TINY, generator=dataclasses.replace(TINY.generator, depth=3))
-    fit = planner.activation_model(deeper, "reference", "attn")
-    direct = planner.activation_model(deeper, "reference", "attn", depths=None)
-    for k in ("per_sample", "const", "train_flops_per_sample"):
-        assert fit[k] == pytest.approx(direct[k], rel=1e-9), k
+    # deeper generator AND text VAE: the fit extrapolates both, and shares the VAE layer's share
+    # (measured with the reference ops and "full") with the triton ops and the "attn" policy
+    deeper = dataclasses.replace(TINY, generator=dataclasses.replace(TINY.generator, depth=3),
+                                 text_vae=dataclasses.replace(TINY.text_vae, layers=3))
+    for impl, policy in (("triton", "attn"),):
+        fit = planner.activation_model(deeper, impl, policy, cache=False)
+        direct = planner.activation_model(deeper, impl, policy, depths=None, cache=False)
+        for k in ("per_sample", "const", "train_flops_per_sample"):
+            assert fit[k] == pytest.approx(direct[k], rel=1e-9), (impl, policy, k)
+
+
+def test_activation_cache_round_trip_and_key(monkeypatch, tmp_path):
+    from flowtok_fast.perf import activation_cache
+
+    monkeypatch.setenv("FLOWTOK_CACHE_DIR", str(tmp_path))
+    first = planner.activation_model(TINY, "reference", "full")
+    assert (tmp_path / "activations.json").is_file()
+    calls = []
+    monkeypatch.setattr(planner, "measure", lambda *a, **k: calls.append(a))
+    assert planner.activation_model(TINY, "reference", "full") == first and not calls  # read back, not measured
+    # another torch version or another source is another key: measured again
+    k = activation_cache.key(TINY, "reference", "full", (2, 4), (1, 2))
+    monkeypatch.setattr(activation_cache.torch, "__version__", "0.0")
+    assert activation_cache.key(TINY, "reference", "full", (2, 4), (1, 2)) != k
+    (tmp_path / "activations.json").write_text("{not json")  # a broken cache is ignored
+    assert activation_cache.get(k) is None
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--global-batch", "-8"], "--global-batch"), (["--global-batch", "0"], "--global-batch"),
+    (["--gpus", "0"], "--gpus"), (["--gpus", "-2"], "--gpus"),
+    (["--gpu-mem", "0"], "--gpu-mem"), (["--gpu-mem", "-5"], "--gpu-mem"), (["--gpu-mem", "nan"], "--gpu-mem"),
+    (["--global-batch", "10", "--gpus", "3"], "--global-batch"), (["--model", "Q"], "--model"),
+])
+def test_plan_arguments_are_validated_before_measuring(argv, option, monkeypatch):
+    monkeypatch.setattr(planner, "activation_model", lambda *a, **k: pytest.fail("measured before validating"))
+    base = {"--model": "tiny", "--global-batch": "16", "--gpus": "2", "--gpu-mem": "80"}
+    for i in range(0, len(argv), 2):
+        base[argv[i]] = argv[i + 1]
+    with pytest.raises(UserError, match=f"^{option}: .*expected"):
+        planner.main([x for kv in base.items() for x in kv])
+
+
+def test_gpu_memory_has_no_default_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(planner.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="--gpu-mem: missing"):
+        planner.main(["--model", "tiny", "--global-batch", "16", "--gpus", "2"])
+
+
+def test_h200_memory_changes_the_answer():
+    """The same tiny plan at two memory sizes: the budget is the parameter, not a constant."""
+    small = planner.plan(TINY, 64, 2, 0.05, impls=("reference",), shardings=("ddp",), policies=("none", "full"),
+                         reserve_gb=0.0)
+    big = planner.plan(TINY, 64, 2, 139.0, impls=("reference",), shardings=("ddp",), policies=("none", "full"),
+                       reserve_gb=0.0)
+    assert big["gpu_mem_gib"] == 139.0 and "139 GiB each" in planner.format_plan(big)
+    assert [r["max_batch"] for r in big["rows"]] > [r["max_batch"] for r in small["rows"]]
 
 
 def test_triton_ops_measure_on_fake_tensors():
@@ -89,8 +142,8 @@ def test_plan_and_cli(tmp_path, capsys):
                          "--ops", "reference", "--json", str(out)]) == 0
     assert "choice:" in capsys.readouterr().out
     assert json.loads(out.read_text())["per_gpu_batch"] == 8
-    with pytest.raises(ValueError, match="divisible"):
-        planner.plan(TINY, 10, 3)
+    with pytest.raises(UserError, match="divisible"):
+        planner.plan(TINY, 10, 3, 80.0)
 
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
