@@ -5,12 +5,14 @@ Flat on purpose: every key can be overridden as `key=value` and unknown keys are
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from flowtok_fast.configs import FlowTokConfig, get_config
+from flowtok_fast.errors import UserError
 from flowtok_fast.objective import DIRECTIONS, KL_FORMS, T_SAMPLINGS, LossWeights
 from flowtok_fast.train.frozen import LATENT_SAMPLING
 
@@ -18,6 +20,37 @@ PARALLELISMS = ("none", "ddp", "fsdp")
 PRECISIONS = ("auto", "bf16", "fp32")
 DATA_SOURCES = ("synthetic", "webdataset", "dali", "pretokenized")
 DATA_KINDS = ("moments", "pixels")
+
+
+# value ranges for check_ranges: (test, what is expected)
+AT_LEAST_1 = (lambda v: v >= 1, "an integer >= 1")
+AT_LEAST_0 = (lambda v: v >= 0, "an integer >= 0")
+POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+FINITE = (math.isfinite, "a finite number")
+UNIT = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
+UNIT_OPEN = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def check_choices(cfg, choices: dict) -> None:
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise UserError(f"{key}={getattr(cfg, key)!r}: expected one of {', '.join(map(str, allowed))}")
+
+
+def check_ranges(cfg, rules: dict) -> None:
+    """Each key's value (None = unset, skipped) must pass its rule: a UserError naming the key."""
+    for key, (test, expected) in rules.items():
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        ok = False
+        try:
+            ok = not isinstance(value, bool) and bool(test(value))
+        except TypeError:
+            pass
+        if not ok:
+            raise UserError(f"{key}={value!r}: expected {expected}")
 
 
 @dataclass
@@ -88,33 +121,39 @@ class TrainConfig:
             "parallelism": PARALLELISMS, "data_source": DATA_SOURCES, "data_kind": DATA_KINDS,
             "t_sampling": T_SAMPLINGS, "latent_sampling": LATENT_SAMPLING,
         }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key}={getattr(self, key)!r}: expected one of {allowed}")
-        if self.data_source != "synthetic":
-            if not self.data_path:
-                raise ValueError(f"data_source={self.data_source} needs data_path: a directory, glob or brace pattern of .tar shards")
-            kind = "moments" if self.data_source == "pretokenized" else "pixels"
-            if self.data_kind != kind:
-                raise ValueError(f"data_source={self.data_source} gives {kind}: set data_kind={kind}")
         from flowtok_fast.perf.planner import POLICIES
 
-        if self.recompute not in POLICIES:
-            raise ValueError(f"recompute={self.recompute!r}: expected one of {list(POLICIES)}")
+        choices["recompute"] = tuple(POLICIES)
+        check_choices(self, choices)
+        check_ranges(self, {
+            **{k: AT_LEAST_1 for k in ("global_batch", "micro_batch", "steps", "log_interval", "ckpt_interval", "data_size")},
+            **{k: AT_LEAST_0 for k in ("warmup_steps", "keep_checkpoints", "seed", "data_workers")},
+            "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "ema_decay": UNIT_OPEN, "cfg_prob": UNIT,
+            "flow_weight": NON_NEGATIVE, "align_weight": NON_NEGATIVE, "kl_weight": NON_NEGATIVE,
+            "text_dec_weight": NON_NEGATIVE, "t_logit_loc": FINITE, "t_logit_scale": POSITIVE,
+        })
+        if len(self.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in self.betas):
+            raise UserError(f"betas={list(self.betas)}: expected two numbers in [0, 1)")
+        if self.global_batch % self.micro_batch:
+            raise UserError(f"global_batch={self.global_batch}: expected a multiple of micro_batch={self.micro_batch}")
+        if self.data_source != "synthetic":
+            if not self.data_path:
+                raise UserError(f"data_source={self.data_source} needs data_path: a directory, glob or brace pattern of .tar shards")
+            kind = "moments" if self.data_source == "pretokenized" else "pixels"
+            if self.data_kind != kind:
+                raise UserError(f"data_source={self.data_source} gives {kind}: set data_kind={kind}")
         if self.activation_checkpointing and self.recompute == "none":
             self.recompute = "full"
-        if self.data_workers < 0:
-            raise ValueError(f"data_workers must be >= 0, got {self.data_workers}")
-        for key in ("global_batch", "micro_batch", "steps", "log_interval", "ckpt_interval"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if len(self.betas) != 2:
-            raise ValueError(f"betas must be two numbers, got {self.betas}")
-        if self.warmup_steps < 0 or self.keep_checkpoints < 0:
-            raise ValueError("warmup_steps and keep_checkpoints must be >= 0")
-        cfg = self.model_config()  # unknown model or resolution, or a bad generator shape: a clear error now
-        if cfg.generator.width % cfg.generator.heads or cfg.generator.depth < 1:
-            raise ValueError(f"generator width {cfg.generator.width} must be a multiple of heads {cfg.generator.heads}, depth >= 1")
+        for key in ("generator_depth", "generator_width", "generator_heads"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise UserError(f"{key}={value!r}: expected an integer >= 1 (or null for the model's)")
+        try:
+            self.model_config()  # unknown model or resolution, or a bad generator shape: a clear error now
+        except UserError as err:
+            keys = ("model", "resolution", "generator_depth", "generator_width", "generator_heads")
+            shape = ", ".join(f"{k}={getattr(self, k)}" for k in keys if getattr(self, k) is not None)
+            raise UserError(f"{shape}: {err}") from None
 
     def model_config(self) -> FlowTokConfig:
         """The model's config with the generator_* overrides applied."""
@@ -132,7 +171,7 @@ class TrainConfig:
     def grad_accum(self, world_size: int) -> int:
         per_step = self.micro_batch * world_size
         if self.global_batch % per_step:
-            raise ValueError(
+            raise UserError(
                 f"global_batch={self.global_batch} is not a multiple of micro_batch * world_size = "
                 f"{self.micro_batch} * {world_size}"
             )
@@ -149,12 +188,12 @@ def coerce(cls, key: str, value):
     (a string, as the config modules use `from __future__ import annotations`)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if key not in fields:
-        raise ValueError(f"unknown config key '{key}': expected one of {', '.join(fields)}")
+        raise UserError(f"unknown config key '{key}': expected one of {', '.join(fields)}")
     kind = fields[key].type
     optional = "None" in kind
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if not optional:
-            raise ValueError(f"{key} cannot be null")
+            raise UserError(f"{key} cannot be null")
         return None
     try:
         if kind.startswith("bool"):
@@ -172,9 +211,11 @@ def coerce(cls, key: str, value):
         if kind.startswith("tuple"):
             items = yaml.safe_load(value) if isinstance(value, str) else value
             return tuple(float(v) for v in items)
+        if isinstance(value, (dict, list)):
+            raise ValueError(value)
         return str(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{key}={value!r}: expected {kind}") from err
+    except (TypeError, ValueError, yaml.YAMLError) as err:
+        raise UserError(f"{key}={value!r}: expected {kind}") from None
 
 
 def parse_overrides(items: list[str], cls=TrainConfig) -> dict:
@@ -183,8 +224,12 @@ def parse_overrides(items: list[str], cls=TrainConfig) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"override '{item}': expected key=value")
-        out[key.strip()] = coerce(cls, key.strip(), yaml.safe_load(value) if value else value)
+            raise UserError(f"override '{item}': expected key=value")
+        try:
+            parsed = yaml.safe_load(value) if value else value
+        except yaml.YAMLError:
+            parsed = value  # e.g. a path with a colon: kept as text, typed below
+        out[key.strip()] = coerce(cls, key.strip(), parsed)
     return out
 
 
@@ -196,12 +241,22 @@ def build_config(cls, path: str | Path | None, overrides: list[str] = (), values
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{what} not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
+            raise UserError(f"{what} not found: {path}" + (" (a directory)" if path.is_dir() else ""))
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except (UnicodeDecodeError, OSError) as err:
+            raise UserError(f"{path}: cannot read the {what} ({err})") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise UserError(f"{path}: not valid YAML{where} ({getattr(err, 'problem', None) or err})") from None
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
-    raw.update(values or {})
-    typed = {k: coerce(cls, k, v) for k, v in raw.items()}
+            raise UserError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
+    try:
+        typed = {k: coerce(cls, str(k), v) for k, v in raw.items()}
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
+    typed.update({k: coerce(cls, k, v) for k, v in (values or {}).items()})
     typed.update(parse_overrides(list(overrides), cls))
     return cls(**typed)
 

@@ -130,6 +130,10 @@ def build_source(cfg, model_cfg, rank: int = 0, world_size: int = 1, device: tor
     device = torch.device(device)
     args = dict(global_batch=cfg.global_batch, micro_batch=cfg.micro_batch, rank=rank, world_size=world_size, seed=cfg.seed)
     if cfg.data_source == "synthetic":
+        if cfg.data_size < cfg.global_batch:
+            from flowtok_fast.errors import UserError
+
+            raise UserError(f"data_size={cfg.data_size}: expected at least one global batch (global_batch={cfg.global_batch})")
         dataset = SyntheticDataset(cfg.data_size, cfg.data_kind, model_cfg.tokenizer.resolution, cfg.seed, model_cfg.clip.vocab_size)
         return ShardedBatches(dataset, **args)
     if cfg.data_source in ("webdataset", "pretokenized"):

@@ -7,12 +7,14 @@ FlowTiTok is built: the 300M-parameter decoder is not needed to train.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from flowtok_fast import checkpoint as ckpt
 from flowtok_fast.configs import NUM_TOKENS, FlowTokConfig
+from flowtok_fast.errors import UserError
 from flowtok_fast.models.latent_norm import LatentNorm, posterior_latents
 from flowtok_fast.models.text import ClipTextEncoder, tokenize
 from flowtok_fast.models.tokenizer import TokenizerEncoder
@@ -90,11 +92,14 @@ def build_frozen(cfg: FlowTokConfig, clip_weights: str | None, tokenizer_weights
                  latent_sampling: str = "sample") -> FrozenEncoders:
     """Load the frozen networks from local files; random weights only for the tiny test config.
     The tokenizer file also gives the flow space (its `latent_norm.*`, if any) for pretokenised data."""
+    for key, path in (("clip_weights", clip_weights), ("tokenizer_weights", tokenizer_weights)):
+        if path and not Path(path).is_file():
+            raise UserError(f"{key}={path}: file not found (expected a local weights file)")
     clip = ClipTextEncoder(cfg.clip)
     if clip_weights:
         ckpt.load_clip(clip, clip_weights)
     elif cfg.name != "tiny":
-        raise ValueError(f"model {cfg.name} needs clip_weights: a local OpenAI CLIP ViT-L/14-336 file (random CLIP is for tiny only)")
+        raise UserError(f"model {cfg.name} needs clip_weights: a local OpenAI CLIP ViT-L/14-336 file (random CLIP is for tiny only)")
     else:
         log.warning("CLIP text tower has random weights (tiny config, for tests only)")
     sd = ckpt.tokenizer_state_dict(ckpt.read_state_dict(tokenizer_weights)) if tokenizer_weights else None
@@ -110,7 +115,7 @@ def build_frozen(cfg: FlowTokConfig, clip_weights: str | None, tokenizer_weights
             ckpt.check_tokenizer_tables(sd, cfg.tokenizer, f"tokenizer checkpoint {tokenizer_weights}")
             ckpt.load_strict(image, sd, f"tokenizer checkpoint {tokenizer_weights} [encoder]")
         elif cfg.name != "tiny":
-            raise ValueError(f"data_kind=pixels with model {cfg.name} needs tokenizer_weights (FlowTiTok_{cfg.tokenizer.resolution}.bin)")
+            raise UserError(f"data_kind=pixels with model {cfg.name} needs tokenizer_weights (FlowTiTok_{cfg.tokenizer.resolution}.bin)")
         else:
             log.warning("image tokenizer encoder has random weights (tiny config, for tests only)")
     return FrozenEncoders(clip, image, latent_norm, latent_sampling)

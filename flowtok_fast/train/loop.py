@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from flowtok_fast.checkpoint import CheckpointError, _atomic_write
+from flowtok_fast.errors import UserError
 from flowtok_fast.train import checkpoint as train_ckpt
 
 METRICS_FILE = "metrics.jsonl"
@@ -127,6 +128,8 @@ class TrainLoop:
 
     def _maybe_resume(self) -> None:
         """Clean up after a killed run (rank 0), then resume as `cfg.resume` says."""
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise UserError(f"output_dir={self.output_dir}: a file, expected a directory (created if missing)")
         if self.rank == 0:
             for stale in train_ckpt.remove_stale(self.output_dir):
                 self._info(f"removed {stale}: the temporary directory of a save that did not finish")

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from flowtok_fast import ops
+from flowtok_fast.errors import UserError
 from flowtok_fast.perf.planner import apply_recompute
 
 
@@ -51,7 +52,7 @@ def parallelize(
     if parallelism == "none":
         return objective
     if not dist.is_initialized():
-        raise RuntimeError(f"parallelism={parallelism} needs torch.distributed: launch with torchrun")
+        raise UserError(f"parallelism={parallelism} needs torch.distributed: launch with torchrun")
     device = torch.device(device)
     if parallelism == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP

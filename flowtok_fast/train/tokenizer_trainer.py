@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,135 +35,21 @@ from torch import nn
 
 from flowtok_fast import checkpoint as ckpt
 from flowtok_fast import ops
-from flowtok_fast.configs import TOKEN_CHANNELS, ClipTextConfig, TokenizerConfig, get_config
+from flowtok_fast.configs import TOKEN_CHANNELS, TokenizerConfig
+from flowtok_fast.errors import UserError
 from flowtok_fast.models.text import ClipTextEncoder, tokenize
 from flowtok_fast.models.tokenizer import FlowTiTok
-from flowtok_fast.train.config import build_config
 from flowtok_fast.train.data import ShardedBatches, SyntheticDataset
 from flowtok_fast.train.ema import EMA
 from flowtok_fast.train.loop import TrainLoop
 from flowtok_fast.train.parallelize import grad_sync
+from flowtok_fast.train.tokenizer_config import INITS, TokenizerTrainConfig, load_tokenizer_config  # noqa: F401 - re-exported
 from flowtok_fast.train.trainer import NonFiniteLossError, distributed_run, micro_batch_seed
 
 log = logging.getLogger(__name__)
 
 TERMS = ("loss", "l1", "l2", "kl", "perceptual")  # the objective's outputs, total first
-SCHEDULES = ("constant", "cosine")
-INITS = ("fan_in", "default")
 EXPORT_WEIGHTS, EXPORT_CONFIG = "model.safetensors", "config.json"
-
-
-@dataclass
-class TokenizerTrainConfig:
-    # model: `model` picks the base: tiny, or "published" (the 256/512 px FlowTiTok with ViT-L
-    # CLIP); the tokenizer fields below override the base's when set
-    model: str = "tiny"
-    resolution: int | None = None  # None: the base's (tiny 64, else 256)
-    patch_size: int | None = None
-    encoder_width: int | None = None
-    encoder_layers: int | None = None
-    encoder_heads: int | None = None
-    decoder_width: int | None = None
-    decoder_layers: int | None = None
-    decoder_heads: int | None = None
-    clip_weights: str | None = None  # local CLIP ViT-L/14-336 weights; None = random (tiny only)
-    init_weights: str | None = None  # start from a FlowTiTok file (fine-tuning), e.g. FlowTiTok_256.bin
-    # from scratch only: "fan_in" draws every Linear / Conv2d weight from N(0, 1/fan_in) (truncated
-    # at 2 sigma); "default" keeps the model's N(0, 0.02^2), which suits widths of ~768 and up but
-    # leaves a narrow tokenizer's signal path ~1e-3 strong, so it trains far slower
-    init: str = "fan_in"
-    # from scratch only: multiply the q and k projections of every attention layer by this at
-    # init. The decoder's mask tokens are identical and learn where they are only through 2-D RoPE
-    # in attention; sharper initial attention (gain ~3) starts that position routing sooner.
-    init_qk_gain: float = 1.0
-    # from scratch only: the initial posterior log-variance (conv_out's logvar bias). The default
-    # init (~0, i.e. unit noise on near-zero means) hides the latents from the decoder at first;
-    # a low value lets reconstruction use them from the first steps. None = leave the init.
-    init_logvar: float | None = -6.0
-    # losses
-    l1_weight: float = 1.0
-    l2_weight: float = 1.0
-    kl_weight: float = 1e-4  # on the per-element mean KL
-    perceptual_weight: float = 0.1  # used only if perceptual_weights is a local file
-    perceptual_weights: str | None = None  # torchvision VGG16 state dict (vgg16-397923af.pth or its features.*)
-    text_drop_prob: float = 0.1
-    # batch and optimiser
-    global_batch: int = 64
-    micro_batch: int = 64
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 1e-4
-    warmup_steps: int = 1000
-    schedule: str = "constant"  # after warm-up: constant | cosine (to min_lr_ratio * lr at `steps`)
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0  # max global grad norm; 0 = off
-    ema_decay: float = 0.999
-    # systems
-    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU | bf16 | fp32
-    parallelism: str = "none"  # none | ddp
-    fused_kernels: bool = False
-    # run
-    steps: int = 100000
-    log_interval: int = 50
-    ckpt_interval: int = 1000
-    keep_checkpoints: int = 2
-    seed: int = 0
-    output_dir: str = "outputs/tokenizer"
-    resume: str = "auto"  # auto | none | a checkpoint directory
-    progress: bool = True
-    # data when none is passed in: random pixels and captions (smoke runs)
-    data_source: str = "synthetic"
-    data_size: int = 1024
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
-        for key, allowed in (("schedule", SCHEDULES), ("precision", ("auto", "bf16", "fp32")),
-                             ("parallelism", ("none", "ddp")), ("data_source", ("synthetic",)), ("init", INITS)):
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key}={getattr(self, key)!r}: expected one of {allowed}")
-        for key in ("global_batch", "micro_batch", "steps", "log_interval", "ckpt_interval"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("l1_weight", "l2_weight", "kl_weight", "perceptual_weight", "warmup_steps", "grad_clip", "keep_checkpoints"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
-        if not 0.0 <= self.text_drop_prob <= 1.0:
-            raise ValueError(f"text_drop_prob must be in [0, 1], got {self.text_drop_prob}")
-        if self.global_batch % self.micro_batch:
-            raise ValueError(f"global_batch={self.global_batch} is not a multiple of micro_batch={self.micro_batch}")
-        self.tokenizer_config()  # bad sizes: a clear error now
-
-    def base(self):
-        """tiny, or the published tokenizer and CLIP ("published", or any generator size S..H)."""
-        if self.model.lower() == "tiny":
-            return get_config("tiny")
-        return get_config("B" if self.model.lower() == "published" else self.model, self.resolution or 256)
-
-    def tokenizer_config(self) -> TokenizerConfig:
-        base = self.base()
-        fields = {f.name for f in dataclasses.fields(TokenizerConfig)}
-        over = {k: getattr(self, k) for k in fields if hasattr(self, k) and getattr(self, k) is not None}
-        cfg = dataclasses.replace(base.tokenizer, **over, text_width=base.clip.width)
-        if cfg.resolution % cfg.patch_size:
-            raise ValueError(f"resolution {cfg.resolution} is not a multiple of patch_size {cfg.patch_size}")
-        for side in ("encoder", "decoder"):
-            w, h = getattr(cfg, f"{side}_width"), getattr(cfg, f"{side}_heads")
-            if w % h or (w // h) % 4:
-                raise ValueError(f"{side}: width {w} / heads {h} must give a head dim divisible by 4 (2-D RoPE)")
-        return cfg
-
-    def clip_config(self) -> ClipTextConfig:
-        return self.base().clip
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-
-def load_tokenizer_config(path: str | Path | None, overrides: list[str] = (), **values) -> TokenizerTrainConfig:
-    """From a YAML file (or the defaults), then `values`, then `key=value` strings."""
-    return build_config(TokenizerTrainConfig, path, overrides, values, what="tokenizer training config")
 
 
 # ---------------------------------------------------------------- init and losses
@@ -231,7 +116,10 @@ def build_perceptual(weight: float, path: str | None) -> VGGPerceptual | None:
     """The perceptual net, or None (with a log message) when it is off or has no local weights."""
     if weight <= 0:
         return None
-    if not path or not Path(path).is_file():
+    if path and not Path(path).is_file():
+        raise UserError(f"perceptual_weights={path}: file not found (expected a torchvision VGG16 state dict; "
+                        "unset it or set perceptual_weight=0 to train without the perceptual loss)")
+    if not path:
         log.info(
             "perceptual loss off: no local VGG16 weights (%s); set perceptual_weights to a torchvision "
             "vgg16 state dict on disk to use it (nothing is downloaded)", path or "perceptual_weights unset")
@@ -290,9 +178,9 @@ class TokenizerTrainer(TrainLoop):
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         if self.world_size > 1 and cfg.parallelism == "none":
-            raise ValueError(f"{self.world_size} processes with parallelism=none: set parallelism=ddp")
+            raise UserError(f"{self.world_size} processes with parallelism=none: set parallelism=ddp")
         if cfg.global_batch % (cfg.micro_batch * self.world_size):
-            raise ValueError(f"global_batch {cfg.global_batch} is not a multiple of micro_batch * world_size = "
+            raise UserError(f"global_batch {cfg.global_batch} is not a multiple of micro_batch * world_size = "
                              f"{cfg.micro_batch} * {self.world_size}")
         self.grad_accum = cfg.global_batch // (cfg.micro_batch * self.world_size)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -307,6 +195,8 @@ class TokenizerTrainer(TrainLoop):
         torch.manual_seed(cfg.seed)
         self.tokenizer = FlowTiTok(self.tok_cfg, with_encoder=True)
         if cfg.init_weights:
+            if not Path(cfg.init_weights).is_file():
+                raise UserError(f"init_weights={cfg.init_weights}: file not found (expected a FlowTiTok weights file)")
             ckpt.load_tokenizer(self.tokenizer, cfg.init_weights)
         else:
             init_from_scratch(self.tokenizer, cfg.init, cfg.init_logvar, cfg.init_qk_gain)
@@ -318,7 +208,7 @@ class TokenizerTrainer(TrainLoop):
         self.model = self.objective
         if cfg.parallelism == "ddp":
             if not dist.is_initialized():
-                raise RuntimeError("parallelism=ddp needs torch.distributed: launch with torchrun")
+                raise UserError("parallelism=ddp needs torch.distributed: launch with torchrun")
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.model = DDP(self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -350,10 +240,12 @@ class TokenizerTrainer(TrainLoop):
 
     def _build_clip(self) -> ClipTextEncoder:
         clip = ClipTextEncoder(self.cfg.clip_config())
+        if self.cfg.clip_weights and not Path(self.cfg.clip_weights).is_file():
+            raise UserError(f"clip_weights={self.cfg.clip_weights}: file not found (expected a local CLIP weights file)")
         if self.cfg.clip_weights:
             ckpt.load_clip(clip, self.cfg.clip_weights)
         elif self.cfg.model.lower() != "tiny":
-            raise ValueError(f"model {self.cfg.model} needs clip_weights (a local CLIP ViT-L/14-336 file); random CLIP is for tiny only")
+            raise UserError(f"model {self.cfg.model} needs clip_weights (a local CLIP ViT-L/14-336 file); random CLIP is for tiny only")
         else:
             log.warning("CLIP text tower has random weights (tiny config)")
         return clip
@@ -487,10 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     with distributed_run() as device:
         trainer = TokenizerTrainer(cfg, device=device)
         trainer.train()
-        path = trainer.export(args.export)
-        if trainer.rank == 0:
-            log.info(f"exported the EMA tokenizer to {path}")
-    return 0
+        if trainer.stopped_by is None:  # an interrupted run resumes, it does not export half-trained
+            path = trainer.export(args.export)
+            if trainer.rank == 0:
+                log.info(f"exported the EMA tokenizer to {path}")
+    return trainer.exit_code()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from flowtok_fast.errors import UserError
 from flowtok_fast.models.generator import FlowTokGenerator
 from flowtok_fast.models.text import TextDecoder
 from flowtok_fast.objective import LOSS_TERMS, FlowTokObjective
@@ -46,7 +47,7 @@ class Trainer(TrainLoop):
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         if self.world_size > 1 and cfg.parallelism == "none":
-            raise ValueError(f"{self.world_size} processes with parallelism=none: set parallelism=ddp or fsdp")
+            raise UserError(f"{self.world_size} processes with parallelism=none: set parallelism=ddp or fsdp")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.grad_accum = cfg.grad_accum(self.world_size)
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from flowtok_fast.errors import UserError
 from flowtok_fast.train.config import TrainConfig, load_config, parse_overrides
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "train"
@@ -47,9 +48,11 @@ def test_bad_choices_and_batches():
         TrainConfig(kl_form="paper")
     with pytest.raises(ValueError, match="unknown model 'XXL'"):
         TrainConfig(model="XXL")
-    with pytest.raises(ValueError, match="not a multiple of micro_batch"):
-        TrainConfig(global_batch=10, micro_batch=4).grad_accum(1)
-    with pytest.raises(FileNotFoundError, match="training config not found"):
+    with pytest.raises(UserError, match="global_batch=10: expected a multiple of micro_batch=4"):
+        TrainConfig(global_batch=10, micro_batch=4)
+    with pytest.raises(UserError, match="not a multiple of micro_batch"):
+        TrainConfig(global_batch=8, micro_batch=4).grad_accum(3)
+    with pytest.raises(UserError, match="training config not found: no/such.yaml"):
         load_config("no/such.yaml")
 
 
@@ -70,5 +73,45 @@ def test_sampling_choices_and_generator_shape_override():
     for item, match in (("t_sampling=cosine", "t_sampling"), ("latent_sampling=mode", "latent_sampling")):
         with pytest.raises(ValueError, match=match):
             load_config(None, [item])
-    with pytest.raises(ValueError, match="multiple of heads"):
+    with pytest.raises(UserError, match="generator_width=100, generator_heads=3: .*heads"):
         load_config(None, ["generator_width=100", "generator_heads=3"])
+
+
+@pytest.mark.parametrize("item, message", [
+    ("steps=0", "steps=0: expected an integer >= 1"),
+    ("global_batch=-8", "global_batch=-8: expected an integer >= 1"),
+    ("micro_batch=0", "micro_batch=0: expected an integer >= 1"),
+    ("log_interval=0", "log_interval=0: expected an integer >= 1"),
+    ("data_size=0", "data_size=0: expected an integer >= 1"),
+    ("warmup_steps=-1", "warmup_steps=-1: expected an integer >= 0"),
+    ("seed=-3", "seed=-3: expected an integer >= 0"),
+    ("lr=nan", "lr=nan: expected a finite number > 0"),
+    ("lr=0", "lr=0.0: expected a finite number > 0"),
+    ("ema_decay=1", "ema_decay=1.0: expected a number in \\[0, 1\\)"),
+    ("cfg_prob=1.5", "cfg_prob=1.5: expected a number in \\[0, 1\\]"),
+    ("kl_weight=-1", "kl_weight=-1.0: expected a finite number >= 0"),
+    ("t_logit_scale=0", "t_logit_scale=0.0: expected a finite number > 0"),
+    ("betas=[0.9, 1.5]", "betas=\\[0.9, 1.5\\]: expected two numbers in \\[0, 1\\)"),
+    ("generator_heads=0", "generator_heads=0: expected an integer >= 1"),
+    ("recompute=some", "recompute='some': expected one of"),
+])
+def test_out_of_range_values_name_the_key(item, message):
+    with pytest.raises(UserError, match=message) as info:
+        load_config(CONFIGS / "tiny.yaml", [item])
+    assert "\n" not in str(info.value)
+
+
+def test_bad_yaml_files_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1,\n")
+    with pytest.raises(UserError, match=f"{bad}: not valid YAML at line"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(UserError, match="expected a mapping of config keys"):
+        load_config(bad)
+    bad.write_text("steps: abc\n")
+    with pytest.raises(UserError, match=f"{bad}: steps='abc': expected int"):
+        load_config(bad)
+    bad.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(UserError, match=f"{bad}: cannot read"):
+        load_config(bad)

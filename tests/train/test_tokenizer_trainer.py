@@ -138,3 +138,26 @@ def test_cli_trains_and_exports(tmp_path):
     assert main(args) == 0
     assert (tmp_path / "export" / "model.safetensors").is_file() and (tmp_path / "export" / "config.json").is_file()
     load_exported(tmp_path / "export")
+
+
+@pytest.mark.parametrize("item, message", [
+    ("steps=0", "steps=0: expected an integer >= 1"),
+    ("encoder_heads=0", "encoder_heads=0: expected an integer >= 1"),
+    ("encoder_heads=3", "encoder_width=.*encoder_heads=3: expected heads dividing"),
+    ("lr=inf", "lr=inf: expected a finite number > 0"),
+    ("text_drop_prob=2", "text_drop_prob=2.0: expected a number in"),
+    ("global_batch=6", "global_batch=6: expected a multiple of micro_batch=4"),
+])
+def test_config_values_are_range_checked(item, message):
+    from flowtok_fast.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        load_tokenizer_config(None, [f"{k}={v}" for k, v in SMALL.items() if k != "model"] + [item])
+
+
+def test_missing_weight_files_are_named(tmp_path):
+    from flowtok_fast.errors import UserError
+
+    for key in ("perceptual_weights", "init_weights", "clip_weights"):
+        with pytest.raises(UserError, match=f"{key}={tmp_path / 'gone.bin'}: file not found"):
+            TokenizerTrainer(_cfg(tmp_path, perceptual_weight=0.1, **{key: str(tmp_path / "gone.bin")}), device="cpu", dataset=Blobs())

@@ -101,8 +101,13 @@ def test_compile_and_fused_flags_are_applied_around_the_model(tmp_path, tiny_run
 def test_config_errors(tmp_path, tiny_run):
     with pytest.raises(ValueError, match="needs clip_weights"):
         Trainer(TrainConfig(**{**tiny_run, "model": "B", "output_dir": str(tmp_path)}), device="cpu")
-    with pytest.raises(RuntimeError, match="launch with torchrun"):
+    with pytest.raises(UserError, match="launch with torchrun"):
         Trainer(TrainConfig(**{**tiny_run, "parallelism": "ddp", "output_dir": str(tmp_path)}), device="cpu")
+    with pytest.raises(UserError, match="clip_weights=.*gone.pt: file not found"):
+        Trainer(TrainConfig(**{**tiny_run, "clip_weights": str(tmp_path / "gone.pt"), "output_dir": str(tmp_path)}), device="cpu")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match="output_dir=.*a_file: a file, expected a directory"):
+        Trainer(TrainConfig(**{**tiny_run, "output_dir": str(tmp_path / "a_file")}), device="cpu")
     with pytest.raises(UserError, match="nope is not a complete training checkpoint: it does not exist"):
         Trainer(TrainConfig(**{**tiny_run, "resume": str(tmp_path / "nope"), "output_dir": str(tmp_path)}), device="cpu")
 
