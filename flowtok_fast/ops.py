@@ -1,7 +1,8 @@
 """THE ops layer: every fusable op the models call, with an explicit implementation choice.
 
-`"reference"` is plain PyTorch (the `*_ref` functions beside each kernel, exactly the original
-implementation's math); `"triton"` is the fused kernels in `flowtok_fast.kernels`. Asking for
+`"reference"` is plain PyTorch (below; the same math as the `*_ref` functions beside each
+kernel, exactly the original implementation's); `"triton"` is the fused kernels in
+`flowtok_fast.kernels`, imported only when asked for. Asking for
 an implementation that cannot run is an error, never a silent fallback.
 
 Models never import kernels: each module that calls an op holds an `ops` attribute (an `Ops`
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 IMPLS = ("reference", "triton")
@@ -48,25 +50,111 @@ class Ops:
     swiglu_linear: Callable
 
 
-def _build(impl: str) -> Ops:
-    from flowtok_fast.kernels import adaln, attention, flow_step, fused_linear, swiglu
+# ------------------------------------------------------------------ the reference ops
+# Plain PyTorch, the same math as the `*_ref` functions beside each kernel in kernels/ (the
+# tests check them equal, bitwise): defined here so that the reference path imports neither
+# Triton nor the kernels (a machine without them, or without flowtok_fast.kernels installed,
+# still runs every model on the reference ops).
 
+
+def ln_modulate_ref(x, shift, scale, eps: float = 1e-6, out_dtype: torch.dtype | None = None):
+    out = F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    return out if out_dtype is None else out.to(out_dtype)
+
+
+def gated_residual_ref(x, y, gate):
+    return x + gate.unsqueeze(1) * y
+
+
+def gated_residual_ln_modulate_ref(x, y, gate, shift, scale, eps: float = 1e-6, out_dtype: torch.dtype | None = None):
+    res = gated_residual_ref(x, y, gate)
+    return res, ln_modulate_ref(res, shift, scale, eps, out_dtype)
+
+
+def swiglu_ref(x12):
+    x1, x2 = x12.chunk(2, dim=-1)
+    return F.silu(x1) * x2
+
+
+def gelu_tanh_ref(x, bias=None, *, out_dtype: torch.dtype | None = None):
+    out = F.gelu(x if bias is None else x + bias, approximate="tanh")
+    return out if out_dtype is None else out.to(out_dtype)
+
+
+def cfg_euler_step_ref(x, v, dt, scale):
+    """In place: x += dt * (v_u + scale * (v_c - v_u)) with v = [v_c; v_u]; returns x."""
+    b = x.shape[0]
+    v = v.float()
+    v_c, v_u = v[:b], v[b:]
+    return x.copy_(x.float() + dt * (v_u + scale * (v_c - v_u)))
+
+
+def euler_step_ref(x, v, dt):
+    return x.copy_(x.float() + dt * v.float())
+
+
+def apply_rope_ref(x, cos, sin):
+    """Rotate adjacent channel pairs of x [..., R, hd]; math in fp32 (fp64 stays fp64)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(dtype)
+    rotated = torch.stack((-xf[..., 1::2], xf[..., 0::2]), dim=-1).flatten(-2)
+    return (xf * cos.to(dtype) + rotated * sin.to(dtype)).to(x.dtype)
+
+
+def attention_ref(qkv, rope_cos=None, rope_sin=None):
+    """qkv [B,N,3,H,hd] -> [B,N,H*hd]: RoPE on q and k of the first R tokens, then SDPA."""
+    b, n, _, h, hd = qkv.shape
+    q, k, v = qkv.transpose(1, 3).unbind(2)  # each [B, H, N, hd], strided views
+    if rope_cos is not None:
+        r = rope_cos.shape[0]
+
+        def rope(t):
+            if r == n:
+                return apply_rope_ref(t, rope_cos, rope_sin)
+            return torch.cat((apply_rope_ref(t[..., :r, :], rope_cos, rope_sin), t[..., r:, :]), dim=-2)
+
+        q, k = rope(q), rope(k)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, h * hd)
+
+
+def modulated_linear_ref(x, shift, scale, lin: nn.Linear):
+    return lin(ln_modulate_ref(x, shift, scale))
+
+
+def gated_residual_modulated_linear_ref(x, y, gate, shift, scale, lin: nn.Linear):
+    res, h = gated_residual_ln_modulate_ref(x, y, gate, shift, scale)
+    return res, lin(h)
+
+
+def gelu_linear_ref(a, lin: nn.Linear):
+    return lin(gelu_tanh_ref(a))
+
+
+def swiglu_linear_ref(x12, lin: nn.Linear):
+    return lin(swiglu_ref(x12))
+
+
+def _build(impl: str) -> Ops:
     if impl == "reference":
         return Ops(
             name="reference",
-            attention=attention.attention_ref,
-            swiglu=swiglu.swiglu_ref,
-            gelu_tanh=swiglu.gelu_tanh_ref,
-            ln_modulate=adaln.ln_modulate_ref,
-            gated_residual=adaln.gated_residual_ref,
-            gated_residual_ln_modulate=adaln.gated_residual_ln_modulate_ref,
-            cfg_euler_step_=flow_step.cfg_euler_step_ref,
-            euler_step_=flow_step.euler_step_ref,
-            modulated_linear=fused_linear.modulated_linear_ref,
-            gated_residual_modulated_linear=fused_linear.gated_residual_modulated_linear_ref,
-            gelu_linear=fused_linear.gelu_linear_ref,
-            swiglu_linear=fused_linear.swiglu_linear_ref,
+            attention=attention_ref,
+            swiglu=swiglu_ref,
+            gelu_tanh=gelu_tanh_ref,
+            ln_modulate=ln_modulate_ref,
+            gated_residual=gated_residual_ref,
+            gated_residual_ln_modulate=gated_residual_ln_modulate_ref,
+            cfg_euler_step_=cfg_euler_step_ref,
+            euler_step_=euler_step_ref,
+            modulated_linear=modulated_linear_ref,
+            gated_residual_modulated_linear=gated_residual_modulated_linear_ref,
+            gelu_linear=gelu_linear_ref,
+            swiglu_linear=swiglu_linear_ref,
         )
+    # only now: importing the kernels imports Triton, and @triton.jit chooses compiler or
+    # interpreter (TRITON_INTERPRET) when the kernel modules are first imported
+    from flowtok_fast.kernels import adaln, attention, flow_step, fused_linear, swiglu
+
     return Ops(
         name="triton",
         attention=attention.attention,
