@@ -116,7 +116,9 @@ class SafeLoadPlanner(_planner.DefaultLoadPlanner):
         except Exception as err:  # noqa: BLE001
             raise CheckpointError(f"{self.directory}: entry '{fqn}' is not plain data ({short_reason(err)})") from err
         if self.flatten_state_dict:
-            _planner.set_element(self.original_state_dict, self.mappings[fqn], obj)
+            from torch.distributed.checkpoint._traverse import set_element  # what the default planner uses
+
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
         else:
             self.state_dict[fqn] = obj
 
