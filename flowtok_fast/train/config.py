@@ -148,12 +148,15 @@ class TrainConfig:
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise UserError(f"{key}={value!r}: expected an integer >= 1 (or null for the model's)")
+        keys = ("model", "resolution", "generator_depth", "generator_width", "generator_heads")
+        shape = ", ".join(f"{k}={getattr(self, k)}" for k in keys if getattr(self, k) is not None)
         try:
-            self.model_config()  # unknown model or resolution, or a bad generator shape: a clear error now
+            gen = self.model_config().generator  # unknown model or resolution, or a bad generator shape: a clear error now
         except UserError as err:
-            keys = ("model", "resolution", "generator_depth", "generator_width", "generator_heads")
-            shape = ", ".join(f"{k}={getattr(self, k)}" for k in keys if getattr(self, k) is not None)
             raise UserError(f"{shape}: {err}") from None
+        if gen.width % gen.heads or gen.width % 2:
+            raise UserError(f"{shape}: the generator width {gen.width} must be even (sin-cos positions) and a multiple "
+                            f"of its heads {gen.heads}")
 
     def model_config(self) -> FlowTokConfig:
         """The model's config with the generator_* overrides applied."""
