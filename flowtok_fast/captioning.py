@@ -7,42 +7,112 @@ non-autoregressive text decoder maps Z_T to CLIP token ids at all 77 positions.
 from __future__ import annotations
 
 import contextlib
+import os
+import warnings
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from flowtok_fast import checkpoint as ckpt
 from flowtok_fast import flow, ops
 from flowtok_fast.configs import FlowTokConfig, get_config
+from flowtok_fast.errors import UserError
 from flowtok_fast.models.generator import FlowTokGenerator
 from flowtok_fast.models.text import TextDecoder, detokenize
 from flowtok_fast.models.tokenizer import FlowTiTok
-from flowtok_fast.pipeline import SamplingOptions, default_device
+from flowtok_fast.pipeline import SamplingOptions, resolve_device
 
 COMPONENTS = ("generator", "tokenizer", "text_decoder")
 BUILD_ORDER = ("tokenizer", "generator", "text_decoder")  # the order of build()'s modules
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's decompression-bomb threshold (~ 9459 x 9459)
+MAX_ASPECT = 8.0  # the centre crop keeps the middle square: beyond 8:1 it keeps under 1/8 of the image
+
+
+def check_image(path: str) -> tuple[int, int]:
+    """Reads the header only: (width, height), or a UserError saying why `path` cannot be captioned
+    (missing, empty, not an image, too many pixels, an aspect ratio beyond 8:1, corrupt data)."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory, not an image file")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{path}: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                _check_size(path, w, h)
+                im.verify()  # structure and checksums, without decoding every pixel
+    except UserError:
+        raise
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not an image file PIL can read (expected JPEG, PNG, WebP, BMP, ...)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(f"{path}: more than {MAX_PIXELS:,} pixels (a decompression bomb?)") from None
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for corrupt data
+        raise UserError(f"{path}: corrupt image data ({type(err).__name__}: {err})") from None
+    return w, h
+
+
+def _check_size(path: str, w: int, h: int) -> None:
+    if w < 1 or h < 1:
+        raise UserError(f"{path}: the image is {w} x {h} pixels: expected at least 1 x 1")
+    if w * h > MAX_PIXELS:
+        raise UserError(f"{path}: {w} x {h} = {w * h:,} pixels, more than the limit of {MAX_PIXELS:,} "
+                        "(a decompression bomb?)")
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        raise UserError(f"{path}: {w} x {h} pixels has aspect ratio {max(w, h) / min(w, h):.0f}:1, beyond "
+                        f"{MAX_ASPECT:.0f}:1 (the centre square crop would drop most of it)")
+
+
+def load_image(path: str, resolution: int) -> torch.Tensor:
+    """A file -> [3, r, r] in [0, 1]: checked (check_image), short side resized to r, centre crop
+    (as in training). Any failure is a UserError naming the file."""
+    check_image(path)
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except Exception as err:  # noqa: BLE001 - truncated data is found only when decoding
+        raise UserError(f"{path}: cannot decode the image ({type(err).__name__}: {err})") from None
+    s = resolution / min(im.size)
+    im = im.resize((max(resolution, round(im.width * s)), max(resolution, round(im.height * s))), Image.BICUBIC)
+    left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
+    im = im.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
+    return pixels.permute(2, 0, 1).float() / 255.0
 
 
 def load_images(paths: list[str], resolution: int) -> torch.Tensor:
-    """Files -> [B, 3, r, r] in [0, 1]: resize the short side to r, centre crop (as in training)."""
-    out = []
-    for p in paths:
-        im = Image.open(p).convert("RGB")
-        s = resolution / min(im.size)
-        im = im.resize((max(resolution, round(im.width * s)), max(resolution, round(im.height * s))), Image.BICUBIC)
-        left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
-        im = im.crop((left, top, left + resolution, top + resolution))
-        out.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3))
-    return torch.stack(out).permute(0, 3, 1, 2).float() / 255.0
+    """Files -> [B, 3, r, r] in [0, 1]; a UserError names the first file that cannot be used."""
+    return torch.stack([load_image(p, resolution) for p in paths])
+
+
+def check_pixels(pixels, resolution: int) -> torch.Tensor:
+    """The tensor form of the input: floats in [0, 1], [B, 3, r, r]."""
+    if not isinstance(pixels, torch.Tensor):
+        raise UserError(f"images must be a [B, 3, {resolution}, {resolution}] tensor or a list of file paths, "
+                        f"got {type(pixels).__name__}")
+    if not pixels.is_floating_point():
+        raise UserError(f"pixels must be floats in [0, 1], got {pixels.dtype} (divide uint8 images by 255)")
+    if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, resolution, resolution) or pixels.shape[0] == 0:
+        raise UserError(f"pixels must have shape [B, 3, {resolution}, {resolution}] with B >= 1, got {tuple(pixels.shape)}")
+    if not torch.isfinite(pixels).all():
+        raise UserError("pixels must be finite floats in [0, 1], got NaN or inf")
+    lo, hi = pixels.min().item(), pixels.max().item()
+    if lo < 0.0 or hi > 1.0:
+        hint = " (0-255 values? divide by 255)" if hi > 1.5 else ""
+        raise UserError(f"pixels must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]{hint}")
+    return pixels
 
 
 class FlowTokCaptioner:
     def __init__(self, config: FlowTokConfig, tokenizer: FlowTiTok, generator: FlowTokGenerator,
                  text_decoder: TextDecoder, device=None, dtype=None, fused_kernels: bool = False):
         if not tokenizer.has_encoder:
-            raise ValueError("captioning needs the image tokenizer's encoder")
+            raise UserError("captioning needs the image tokenizer's encoder")
         self.config = config
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.tokenizer = tokenizer.to(self.device).eval().requires_grad_(False)
         self.generator = generator.to(self.device).eval().requires_grad_(False)
@@ -70,6 +140,7 @@ class FlowTokCaptioner:
             raise ckpt.CheckpointError(f"{directory} lacks component(s) {missing} needed for image-to-text")
         modules = cls.build(config)
         parts["tokenizer"] = ckpt.tokenizer_state_dict(parts["tokenizer"])
+        ckpt.check_tokenizer_tables(parts["tokenizer"], config.tokenizer, f"{directory} [tokenizer]")
         for name, module in zip(BUILD_ORDER, modules):
             ckpt.load_strict(module, parts[name], f"{directory} [{name}]")
         return cls(config, *modules, **kw)
@@ -101,9 +172,14 @@ class FlowTokCaptioner:
     @torch.no_grad()
     def __call__(self, images, steps: int = 20, cfg_scale: float = 1.0, method: str = "euler",
                  grid: str = "reference", progress: bool = False) -> list[str]:
-        """images: a [B,3,r,r] tensor in [0,1] or a list of file paths. One caption per image."""
-        if isinstance(images, (list, tuple)):
-            images = load_images(list(images), self.config.tokenizer.resolution)
+        """images: a [B,3,r,r] float tensor in [0,1] or a list of file paths. One caption per image.
+        Options and images are checked before any work (a bad file is named)."""
         opts = SamplingOptions(steps=steps, cfg_scale=cfg_scale, method=method, grid=grid)
+        resolution = self.config.tokenizer.resolution
+        if isinstance(images, (list, tuple)):
+            if not images or not all(isinstance(p, (str, os.PathLike)) for p in images):
+                raise UserError("images must be a non-empty list of file paths or a [B, 3, r, r] tensor")
+            images = load_images([os.fspath(p) for p in images], resolution)
+        check_pixels(images, resolution)
         ids = self.decode_ids(self.text_latents(self.image_latents(images), opts, progress))
         return detokenize(ids.cpu())

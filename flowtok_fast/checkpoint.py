@@ -41,9 +41,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(path))
+        sd = load_safetensors(path)
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -51,13 +49,37 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             try:
                 sd = torch.jit.load(str(path), map_location="cpu").state_dict()
             except Exception:
-                raise CheckpointError(f"cannot read {path}: not a safetensors, torch or TorchScript file ({err})") from err
+                raise CheckpointError(f"cannot read {path}: {_torch_load_reason(path, err)}; expected a .safetensors "
+                                      "file, a torch state dict of tensors or a TorchScript archive") from None
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
     return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """safetensors' load_file, its errors ('header too large', ...) naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({err}): truncated or not safetensors?") from None
+
+
+def _torch_load_reason(path: Path, err: Exception) -> str:
+    """Why torch.load failed, in our words: torch's advice to retry with weights_only=False (which
+    would run whatever code the pickle names) is never passed on."""
+    if path.stat().st_size == 0:
+        return "the file is empty (0 bytes)"
+    if "weights_only" in str(err):
+        return ("it holds pickled Python objects other than tensors, which are never unpickled here "
+                "(they could run code)")
+    first = str(err).split(". ")[0].strip() or type(err).__name__
+    return first if isinstance(err, RuntimeError) else f"{type(err).__name__}: {first}"
 
 
 def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
@@ -215,7 +237,8 @@ def save_pretrained(directory: str | os.PathLike, config: FlowTokConfig, compone
             raise ValueError(f"unknown component '{name}': expected some of {COMPONENTS}")
         for k, v in module.state_dict().items():
             tensors[f"{name}.{k}"] = v.detach().to("cpu").contiguous()
-    meta = {"format": "flowtok-fast", "components": ",".join(components)}
+    # the config travels with the weights too: an edited config.json is caught on load
+    meta = {"format": "flowtok-fast", "components": ",".join(components), "config": json.dumps(config.to_dict())}
     cfg_path = directory / CONFIG_FILE
     if cfg_path.exists():
         cfg_path.unlink()  # the directory is incomplete until the new config lands
@@ -226,21 +249,92 @@ def save_pretrained(directory: str | os.PathLike, config: FlowTokConfig, compone
 
 
 def read_pretrained(directory: str | os.PathLike) -> tuple[FlowTokConfig, dict[str, dict[str, torch.Tensor]]]:
-    from safetensors.torch import load_file
-
+    """config.json + model.safetensors -> (config, {component: state dict}), every problem named:
+    invalid JSON, a missing section, unknown keys, bad values, and a config that does not fit the
+    weights (the config saved inside model.safetensors, and the generator's shapes)."""
     directory = Path(directory)
     cfg_path, weights = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not cfg_path.is_file() or not weights.is_file():
         raise FileNotFoundError(
             f"{directory} is not a flowtok-fast model directory: expected {CONFIG_FILE} and {WEIGHTS_FILE} "
-            "(make one with `flowtok-fast convert`)"
+            "(make one with `flowtok-fast convert` or `flowtok-fast export-model`)"
         )
-    payload = json.loads(cfg_path.read_text())
-    config = FlowTokConfig.from_dict(payload["config"])
+    payload = _read_config_json(cfg_path)
+    config = FlowTokConfig.from_dict(payload["config"], source=f"{cfg_path} 'config'")
+    saved = _saved_config(weights)
+    if saved is not None:
+        _check_same_config(config, saved, cfg_path, weights)
     parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in payload["components"]}
-    for k, v in load_file(str(weights)).items():
+    for k, v in load_safetensors(weights).items():
         name, _, rest = k.partition(".")
         if name not in parts:
             raise CheckpointError(f"{weights}: key '{k}' belongs to no listed component {list(parts)}")
         parts[name][rest] = v
+    if "generator" in parts:
+        _check_generator_shape(config, parts["generator"], cfg_path)
     return config, parts
+
+
+def _read_config_json(path: Path) -> dict:
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path.name} in {path.parent} is not valid JSON: line {err.lineno} column {err.colno}: "
+                              f"{err.msg}") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path.name} in {path.parent} is not UTF-8 text (a binary file?)") from None
+    expected = '{"config": {...}, "components": [...]} as save_pretrained writes it'
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: expected an object {expected}, got {type(payload).__name__}")
+    for key in ("config", "components"):
+        if key not in payload:
+            raise CheckpointError(f"{path} has no '{key}' section: expected {expected}")
+    unknown = sorted(set(payload) - {"config", "components"})
+    if unknown:
+        raise CheckpointError(f"{path}: unknown key(s) {unknown}: expected {expected}")
+    comps = payload["components"]
+    if not isinstance(comps, list) or not comps or any(c not in COMPONENTS for c in comps):
+        raise CheckpointError(f"{path}: 'components' must be a non-empty list of {list(COMPONENTS)}, got {comps!r}")
+    return payload
+
+
+def _saved_config(weights: Path) -> FlowTokConfig | None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as err:
+        raise CheckpointError(f"{weights} is not a readable safetensors file ({err}): truncated or not safetensors?") from None
+    if "config" not in meta:
+        return None  # written before the config was stored with the weights
+    try:
+        return FlowTokConfig.from_dict(json.loads(meta["config"]), source=f"{weights} metadata")
+    except (json.JSONDecodeError, UserError):
+        return None  # the weights' own copy is damaged: the shape checks below still apply
+
+
+def _check_same_config(config: FlowTokConfig, saved: FlowTokConfig, cfg_path: Path, weights: Path) -> None:
+    have, want = _flat(config.to_dict()), _flat(saved.to_dict())
+    changed = [f"'{k}' is {have[k]!r} but the weights were saved with {want[k]!r}"
+               for k in sorted(have) if k != "name" and have[k] != want.get(k)]
+    if changed:
+        raise CheckpointError(f"{cfg_path} does not match {weights.name}: " + "; ".join(changed) +
+                              f" (restore {CONFIG_FILE}: the weights only work with the configuration they were saved with)")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _check_generator_shape(config: FlowTokConfig, sd: dict[str, torch.Tensor], cfg_path: Path) -> None:
+    if "pos_embed" not in sd:
+        return  # load_strict lists what is missing
+    width = sd["pos_embed"].shape[-1]
+    depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+    for field, stored, ours in (("width", width, config.generator.width), ("depth", depth, config.generator.depth)):
+        if stored != ours:
+            raise CheckpointError(f"{cfg_path}: 'generator.{field}' is {ours} but the generator weights have {field} {stored}")

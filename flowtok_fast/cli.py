@@ -1,28 +1,94 @@
-"""`flowtok-fast` command line (also `python -m flowtok_fast`)."""
+"""`flowtok-fast` command line (also `python -m flowtok_fast`).
+
+Exit codes: 0 done; 1 `caption`: some images could not be read (each is reported, the others are
+captioned); 2 bad input: one line `flowtok-fast VERB: error: ...` on stderr (`--debug` or
+FLOWTOK_DEBUG=1 shows the traceback instead); 130 interrupted.
+"""
 from __future__ import annotations
 
 import argparse
-import os
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
 
+from flowtok_fast.cli_errors import OneLineParser, print_error, run, take_debug_flag
+from flowtok_fast.errors import UserError
+from flowtok_fast.validate import image_output_format, read_prompt_file, resolve_device, save_image
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a model hub: weights come from local files
+
+EXIT_SOME_FAILED = 1
+
+
+# ---------------------------------------------------------------- argument types: range checks at parse time
+
+
+def _count(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "an integer >= 1")
+
+
+def _seed(text: str) -> int:
+    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def _finite(text: str) -> float:
+    import math
+
+    return _number(text, float, math.isfinite, "a finite number")
+
+
+def _number(text: str, kind, ok, expected: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' where a default means something (not for None or off switches)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_count, default=None,
+                   help="torch CPU threads (default: torch's choice, the number of cores; on a busy machine 1 can "
+                        "be much faster)")
+
+
+def apply_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-dir", help="a flowtok-fast directory (config.json + model.safetensors)")
+    p.add_argument("--model-dir", help="a flowtok-fast directory (config.json + model.safetensors), from "
+                                       "`flowtok-fast convert` or `flowtok-fast export-model`")
     p.add_argument("--checkpoint", help="official generator file, e.g. FlowTok-XL.pth")
     p.add_argument("--tokenizer", help="official image tokenizer file, e.g. FlowTiTok_512.bin")
     p.add_argument("--clip", help="CLIP ViT-L/14-336 weights: OpenAI .pt or open_clip .bin/.safetensors")
-    p.add_argument("--random-weights", action="store_true", help="no checkpoints: random weights (noise images)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="no checkpoints: random weights (checks the install; the image is meaningless)")
     p.add_argument("--config", default="tiny", help="model size for --random-weights: tiny, S, B, L, XL, H")
-    p.add_argument("--resolution", type=int, default=256, help="tokenizer resolution for --random-weights")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--resolution", type=int, default=256, help="tokenizer resolution for --random-weights (S..H)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--fused-kernels", action="store_true", help="use the Triton kernels (CUDA)")
     p.add_argument("--mode", default="eager", choices=("eager", "compile", "graph", "reduce-overhead"),
                    help="sampler: eager, compile (torch.compile), graph (CUDA: the whole loop as one CUDA graph)")
+    _add_threads(p)
+
+
+# ---------------------------------------------------------------- verbs
 
 
 def load_pipeline(args):
@@ -35,120 +101,169 @@ def load_pipeline(args):
     official = (args.checkpoint, args.tokenizer, args.clip)
     if any(official):
         if not all(official):
-            sys.exit("error: --checkpoint, --tokenizer and --clip must be given together (or use --model-dir)")
+            raise UserError("--checkpoint, --tokenizer and --clip must be given together (or use --model-dir)")
         return FlowTokPipeline.from_official(*official, **kw)
     if not args.random_weights:
-        sys.exit(
-            "error: no weights given. Pass --model-dir DIR, or --checkpoint FlowTok-XL.pth --tokenizer "
-            "FlowTiTok_512.bin --clip ViT-L-14-336.pt (local files; nothing is downloaded), or "
-            "--random-weights to run with random weights."
-        )
-    print(f"note: --random-weights: the '{args.config}' model has random weights, so the images are noise by design.")
-    cfg = args.config if args.config.lower() == "tiny" else get_config(args.config, args.resolution)
+        raise UserError("no weights given: pass --model-dir DIR, or --checkpoint FlowTok-XL.pth --tokenizer "
+                        "FlowTiTok_512.bin --clip ViT-L-14-336.pt (local files; nothing is downloaded), or "
+                        "--random-weights to check the install with random weights")
+    cfg = get_config(args.config, args.resolution)
+    print(f"note: --random-weights: the '{args.config}' model is untrained, so the image means nothing "
+          "(with the tiny model: a nearly black 64x64 square).")
     return FlowTokPipeline.random(cfg, **kw)
 
 
 def cmd_generate(args) -> None:
     from flowtok_fast.pipeline import image_grid
 
+    apply_threads(args.threads)
     prompts = list(args.prompt or [])
     if args.prompt_file:
-        with open(args.prompt_file) as f:
-            prompts += [line.strip() for line in f if line.strip()]
+        prompts += read_prompt_file(args.prompt_file)
     if not prompts:
-        sys.exit("error: give at least one --prompt or a --prompt-file")
+        raise UserError("give at least one --prompt or a --prompt-file")
+    fmt = image_output_format(args.out)  # before any model is loaded or image sampled
+    resolve_device(args.device)
     pipe = load_pipeline(args)
     t0 = time.perf_counter()
     images = []
-    for i in range(0, len(prompts), args.batch_size):
-        batch = prompts[i : i + args.batch_size]
-        images += pipe(batch, steps=args.steps, cfg_scale=args.cfg, seed=args.seed + i,
-                       method=args.sampler, grid=args.grid, progress=True)
+    for i in range(0, len(prompts), args.batch_size):  # a prompt over 77 tokens: a warning line, from pipe()
+        images += pipe(prompts[i : i + args.batch_size], steps=args.steps, cfg_scale=args.cfg,
+                       seed=args.seed + i, method=args.sampler, grid=args.grid, progress=True)
     dt = time.perf_counter() - t0
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    image_grid(images).save(args.out)
+    save_image(image_grid(images), args.out, fmt)
     if args.save_individual:
         stem, ext = os.path.splitext(args.out)
         for i, im in enumerate(images):
-            im.save(f"{stem}_{i:03d}{ext}")
+            save_image(im, f"{stem}_{i:03d}{ext}", fmt)
     print(f"{len(images)} image(s) in {dt:.1f} s ({len(images) / dt:.2f} images/s) -> {args.out}")
 
 
 def cmd_convert(args) -> None:
     from flowtok_fast.pipeline import FlowTokPipeline
 
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file: expected a directory (new or existing) for the model")
     pipe = FlowTokPipeline.from_official(args.checkpoint, args.tokenizer, args.clip, device="cpu")
     pipe.save_pretrained(args.out)
     print(f"wrote {args.out} ({pipe.config.name}, {pipe.config.tokenizer.resolution} px)")
 
 
-def cmd_caption(args) -> None:
+def cmd_caption(args) -> int:
+    """Every image is checked first; a bad one is reported and skipped, the others are captioned."""
     import json
 
-    from flowtok_fast.captioning import FlowTokCaptioner
+    import torch
+    from tqdm import tqdm
 
+    from flowtok_fast.captioning import FlowTokCaptioner, check_image, load_image
+
+    apply_threads(args.threads)
+    resolve_device(args.device)
+    if not args.model_dir and not args.random_weights:
+        raise UserError("pass --model-dir DIR (an image-to-text model: `flowtok-fast export-model` of a "
+                        "direction=i2t training run, or the shapes example's i2t/model) or --random-weights")
+    failed = 0
+
+    def usable(paths, check):
+        nonlocal failed
+        kept = []
+        for p in paths:
+            try:
+                kept.append((p, check(p)))
+            except UserError as err:
+                print_error("caption", err)
+                failed += 1
+        return kept
+
+    good = [p for p, _ in usable(args.images, check_image)]
+    if not good:
+        return 2
     kw = dict(device=args.device, fused_kernels=args.fused_kernels)
     if args.model_dir:
         cap = FlowTokCaptioner.from_pretrained(args.model_dir, **kw)
-    elif args.random_weights:
+    else:
         print("note: --random-weights: captions are gibberish by design.", file=sys.stderr)
         cap = FlowTokCaptioner.random(args.config, **kw)
-    else:
-        sys.exit("error: pass --model-dir DIR (an image-to-text model directory) or --random-weights")
-    missing = [p for p in args.images if not os.path.isfile(p)]
-    if missing:
-        sys.exit(f"error: image file(s) not found: {missing}")
-    from tqdm import tqdm
-
-    captions = []
-    for i in tqdm(range(0, len(args.images), args.batch_size), desc="captioning", disable=len(args.images) <= args.batch_size):
-        captions += cap(args.images[i : i + args.batch_size], steps=args.steps, cfg_scale=args.cfg)
+    resolution = cap.config.tokenizer.resolution
+    results = []
+    for i in tqdm(range(0, len(good), args.batch_size), desc="captioning", disable=len(good) <= args.batch_size):
+        batch = usable(good[i : i + args.batch_size], lambda p: load_image(p, resolution))
+        if batch:
+            captions = cap(torch.stack([px for _, px in batch]), steps=args.steps, cfg_scale=args.cfg)
+            results += [(p, c) for (p, _), c in zip(batch, captions)]
     if args.json:
-        print(json.dumps([{"image": p, "caption": c} for p, c in zip(args.images, captions)], indent=2))
+        print(json.dumps([{"image": p, "caption": c} for p, c in results], indent=2))
     else:
-        for p, c in zip(args.images, captions):
+        for p, c in results:
             print(f"{p}\t{c}")
+    if failed:
+        print(f"flowtok-fast caption: {failed} of {len(args.images)} image(s) could not be read (above); "
+              f"{len(results)} captioned", file=sys.stderr)
+        return EXIT_SOME_FAILED if results else 2
+    return 0
 
 
 def cmd_eval_captions(args) -> None:
     import json
 
-    from flowtok_fast.metrics import caption_metrics
+    from flowtok_fast.metrics import caption_metrics, predictions_by_id
+    from flowtok_fast.validate import read_json
 
-    preds = json.load(open(args.predictions))
-    refs = json.load(open(args.references))
-    # predictions: {id: caption} or [{"image": id, "caption": ...}]; references: {id: [captions]}
-    if isinstance(preds, list):
-        preds = {p["image"]: p["caption"] for p in preds}
+    preds = predictions_by_id(read_json(args.predictions, "predictions"), args.predictions)
+    refs = read_json(args.references, "references")
     scores = caption_metrics(preds, refs, spice=not args.no_spice, meteor=not args.no_meteor)
     for note in scores.pop("notes"):
         print(f"note: {note}", file=sys.stderr)
     print(json.dumps(scores, indent=2))
 
 
-def cmd_train(args) -> None:
+def cmd_train(args) -> int:
     from flowtok_fast.train import main as train_main
 
-    sys.exit(train_main([args.config_file, *args.overrides]))
+    apply_threads(args.threads)
+    return train_main([args.config_file, *args.overrides])
+
+
+# ---------------------------------------------------------------- the parser
+
+PASSTHROUGH = {  # verbs whose module owns its whole argument list (and its --help)
+    "plan": "flowtok_fast.perf.planner",
+    "pretokenize": "flowtok_fast.train.pretokenize",
+    "train-tokenizer": "flowtok_fast.train.tokenizer_trainer",
+    "coco-karpathy": "flowtok_fast.train.coco",
+    "index-shards": "flowtok_fast.train.webdata",
+    "export-model": "flowtok_fast.train.export_model",
+}
+PASSTHROUGH_HELP = {
+    "plan": "per-GPU memory and recomputation planner (plan --help)",
+    "pretokenize": "image+caption shards -> tokenizer moments shards (pretokenize --help)",
+    "train-tokenizer": "train the FlowTiTok image tokenizer (train-tokenizer --help; also takes --threads N)",
+    "coco-karpathy": "COCO Karpathy split -> webdataset shards + references (coco-karpathy --help)",
+    "index-shards": "write checked .idx files for webdataset shards (index-shards --help)",
+    "export-model": "a training checkpoint -> a model directory for generate/caption (export-model --help)",
+}
+THREADS_FOR_MODULE = ("train-tokenizer",)  # --threads is taken here: their parsers do not know it
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowtok-fast", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="flowtok-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="every verb also takes --debug (a traceback instead of a one-line error)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="VERB")
 
-    g = sub.add_parser("generate", help="text -> image")
+    g = sub.add_parser("generate", help="text -> image", formatter_class=_DefaultsFormatter)
     _add_model_source(g)
-    g.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
-    g.add_argument("--prompt-file", help="a text file with one prompt per line")
-    g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale (1 = off)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--sampler", choices=("euler", "heun"), default="euler")
+    g.add_argument("--prompt", action="append", help="a prompt (repeat for several; CLIP reads 77 tokens)")
+    g.add_argument("--prompt-file", help="a UTF-8 text file with one prompt per line")
+    g.add_argument("--steps", type=_count, default=20, help="sampling steps")
+    g.add_argument("--cfg", type=_finite, default=2.0, help="classifier-free guidance scale (1 = off)")
+    g.add_argument("--seed", type=_seed, default=0, help="seed of the first batch (batch at prompt i: seed + i)")
+    g.add_argument("--sampler", choices=("euler", "heun"), default="euler", help="ODE sampler")
     g.add_argument("--grid", choices=("reference", "consistent"), default="reference",
                    help="time grid: 'reference' reproduces the published checkpoints' outputs")
-    g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--out", default="outputs/grid.png")
-    g.add_argument("--save-individual", action="store_true", help="also save each image")
+    g.add_argument("--batch-size", type=_count, default=16, help="prompts per forward batch")
+    g.add_argument("--out", default="outputs/grid.png", help="the image grid (.png, .jpg, .webp, ...)")
+    g.add_argument("--save-individual", action="store_true", help="also save each image as OUT_000.png, ...")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("convert", help="official checkpoint files -> a flowtok-fast directory")
@@ -158,17 +273,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output directory")
     c.set_defaults(func=cmd_convert)
 
-    cp = sub.add_parser("caption", help="image -> text (the reverse flow)")
+    cp = sub.add_parser("caption", help="image -> text (the reverse flow)", formatter_class=_DefaultsFormatter,
+                        description="Exit code 1 when some images could not be read (each is reported on stderr "
+                                    "and the others are captioned), 2 when none could.")
     cp.add_argument("images", nargs="+", help="image files")
-    cp.add_argument("--model-dir", help="an image-to-text flowtok-fast directory")
-    cp.add_argument("--random-weights", action="store_true")
-    cp.add_argument("--config", default="tiny")
-    cp.add_argument("--steps", type=int, default=20)
-    cp.add_argument("--cfg", type=float, default=1.0, help="guidance scale (1 = off)")
-    cp.add_argument("--batch-size", type=int, default=32)
-    cp.add_argument("--device", default=None)
-    cp.add_argument("--fused-kernels", action="store_true")
+    cp.add_argument("--model-dir", help="an image-to-text model directory: `flowtok-fast export-model` of a "
+                                        "direction=i2t training run (or the shapes example's i2t/model)")
+    cp.add_argument("--random-weights", action="store_true", help="untrained weights (gibberish captions)")
+    cp.add_argument("--config", default="tiny", help="model size for --random-weights")
+    cp.add_argument("--steps", type=_count, default=20, help="sampling steps")
+    cp.add_argument("--cfg", type=_finite, default=1.0, help="guidance scale (1 = off)")
+    cp.add_argument("--batch-size", type=_count, default=32, help="images per batch")
+    cp.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    cp.add_argument("--fused-kernels", action="store_true", help="use the Triton kernels (CUDA)")
     cp.add_argument("--json", action="store_true", help="print JSON instead of tab-separated lines")
+    _add_threads(cp)
     cp.set_defaults(func=cmd_caption)
 
     ev = sub.add_parser("eval-captions", help="BLEU-4, METEOR, ROUGE-L, CIDEr, SPICE of predictions vs references")
@@ -181,25 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a FlowTok generator (multi-GPU: torchrun -m flowtok_fast.train)")
     tr.add_argument("config_file", help="YAML recipe, e.g. configs/train/tiny.yaml")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100 lr=2e-4")
+    _add_threads(tr)
     tr.set_defaults(func=cmd_train)
 
-    # listed for --help only: main() hands `plan ...` to the planner's own parser
-    sub.add_parser("plan", help="per-GPU memory and recomputation planner (flowtok-fast plan --help)")
-    sub.add_parser("pretokenize", help="image+caption shards -> tokenizer moments shards (pretokenize --help)")
-    sub.add_parser("train-tokenizer", help="train the FlowTiTok image tokenizer (train-tokenizer --help)")
-    sub.add_parser("coco-karpathy", help="COCO Karpathy split -> webdataset shards + references (coco-karpathy --help)")
-    sub.add_parser("index-shards", help="write checked .idx files for webdataset shards (index-shards --help)")
-    sub.add_parser("example", help="run an example end to end: `example shapes --help` (captioned shapes, CPU)")
+    for verb, text in PASSTHROUGH_HELP.items():  # listed for --help only: main() hands them to their module
+        sub.add_parser(verb, help=text)
+    ex = sub.add_parser("example", help="run an example end to end: `example shapes --help`")
+    ex.add_argument("name", choices=("shapes",),
+                    help="shapes: captioned synthetic shapes, tokenizer + both flow directions, on a CPU")
     return parser
-
-
-PASSTHROUGH = {
-    "plan": "flowtok_fast.perf.planner",
-    "pretokenize": "flowtok_fast.train.pretokenize",
-    "train-tokenizer": "flowtok_fast.train.tokenizer_trainer",
-    "coco-karpathy": "flowtok_fast.train.coco",
-    "index-shards": "flowtok_fast.train.webdata",
-}
 
 
 def run_shapes_example(argv: list[str]) -> int:
@@ -211,20 +320,32 @@ def run_shapes_example(argv: list[str]) -> int:
             from examples.shapes.run import main as shapes_main
 
             return shapes_main(argv)
-    raise SystemExit("flowtok-fast example shapes: examples/shapes/ ships with the source tree; install with "
-                     "`pip install -e .` from a clone, or run it from the repository root")
+    raise UserError("examples/shapes/ ships with the source tree; install with `pip install -e .` from a clone, "
+                    "or run it from the repository root")
+
+
+def take_threads(verb: str, argv: list[str]) -> tuple[int | None, list[str]]:
+    p = OneLineParser(prog=f"flowtok-fast {verb}", add_help=False, allow_abbrev=False)
+    p.add_argument("--threads", type=_count, default=None)
+    args, rest = p.parse_known_args(argv)
+    return args.threads, rest
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    # verbs whose module owns its whole argument list (and its --help)
-    if argv[:1] and argv[0] in PASSTHROUGH:
-        module = importlib.import_module(PASSTHROUGH[argv[0]])
-        sys.exit(module.main(argv[1:]) or 0)
+    debug, argv = take_debug_flag(sys.argv[1:] if argv is None else list(argv))
+    verb = argv[0] if argv else ""
+    if verb in PASSTHROUGH:
+        rest = argv[1:]
+        if verb in THREADS_FOR_MODULE:
+            threads, rest = take_threads(verb, rest)
+            apply_threads(threads)
+        sys.exit(run(verb, lambda: importlib.import_module(PASSTHROUGH[verb]).main(rest), debug))
     if argv[:2] == ["example", "shapes"]:
-        sys.exit(run_shapes_example(argv[2:]))
+        sys.exit(run("example shapes", lambda: run_shapes_example(argv[2:]), debug))
     args = build_parser().parse_args(argv)
-    args.func(args)
+    code = run(args.command, lambda: args.func(args), debug)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -6,3 +6,8 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Raise where the file or field is known, with the expected value in the message."""
+
+
+class FlowTokWarning(UserWarning):
+    """Something the user should know that is not an error (e.g. a prompt truncated to 77
+    tokens). The CLI prints it as one line `flowtok-fast <verb>: warning: <message>`."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,22 +13,51 @@ from PIL import Image
 from flowtok_fast import checkpoint as ckpt
 from flowtok_fast import flow, ops
 from flowtok_fast.configs import FlowTokConfig, get_config
+from flowtok_fast.errors import FlowTokWarning, UserError
 from flowtok_fast.models.generator import FlowTokGenerator
-from flowtok_fast.models.text import ClipTextEncoder, TextVAE, tokenize
+from flowtok_fast.models.text import ClipTextEncoder, TextVAE, overlong_prompts, tokenize
 from flowtok_fast.models.tokenizer import FlowTiTok
+from flowtok_fast.validate import check_prompts, finite_float, nonneg_int, one_of, positive_int, resolve_device
+
+OUTPUT_KINDS = ("pil", "tensor")
 
 
 @dataclass
 class SamplingOptions:
+    """Checked when made: steps >= 1, a finite guidance scale, seed >= 0, a known sampler and grid."""
+
     steps: int = 20
     cfg_scale: float = 2.0
     seed: int = 0
     method: str = "euler"
     grid: str = "reference"
 
+    def __post_init__(self):
+        positive_int(self.steps, "steps")
+        self.cfg_scale = finite_float(self.cfg_scale, "cfg_scale")
+        nonneg_int(self.seed, "seed")
+        one_of(self.method, flow.METHODS, "sampler")
+        one_of(self.grid, flow.GRIDS, "time grid")
+
+    @classmethod
+    def from_kwargs(cls, options: dict) -> "SamplingOptions":
+        fields = list(cls.__dataclass_fields__)
+        unknown = sorted(set(options) - set(fields))
+        if unknown:
+            raise UserError(f"unknown sampling option(s) {unknown}: expected some of {fields}")
+        return cls(**options)
+
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(None)
+
+
+def warn_if_truncated(prompts: list[str]) -> None:
+    """CLIP reads 77 tokens (start + 75 + end): say so when a prompt is longer, never silently."""
+    for prompt, n in overlong_prompts(prompts):
+        shown = prompt if len(prompt) <= 40 else prompt[:37] + "..."
+        warnings.warn(FlowTokWarning(f"prompt {shown!r} is {n + 2} CLIP tokens long: truncated to 77 tokens"),
+                      stacklevel=3)
 
 
 class FlowTokPipeline:
@@ -46,7 +76,7 @@ class FlowTokPipeline:
         sampler_mode: str = "eager",
     ):
         self.config = config
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.clip = clip.to(self.device).eval().requires_grad_(False)
         self.generator = generator.to(self.device).eval().requires_grad_(False)
@@ -57,8 +87,7 @@ class FlowTokPipeline:
         # (batch, steps, scale, grid) and reused
         from flowtok_fast.fast_sampler import MODES
 
-        if sampler_mode not in MODES:
-            raise ValueError(f"unknown sampler mode '{sampler_mode}': expected one of {MODES}")
+        one_of(sampler_mode, MODES, "sampler mode")
         self.sampler_mode = sampler_mode
         self._fast_samplers = {}
 
@@ -107,6 +136,7 @@ class FlowTokPipeline:
         ckpt.load_strict(clip_m, parts["clip"], f"{directory} [clip]")
         ckpt.load_strict(gen_m, parts["generator"], f"{directory} [generator]")
         tok_sd = ckpt.tokenizer_state_dict(parts["tokenizer"], with_encoder=False)
+        ckpt.check_tokenizer_tables(tok_sd, config.tokenizer, f"{directory} [tokenizer]")
         ckpt.load_strict(tok_m, tok_sd, f"{directory} [tokenizer]")
         return cls(config, clip_m, gen_m, tok_m, **kw)
 
@@ -166,11 +196,12 @@ class FlowTokPipeline:
     @torch.no_grad()
     def __call__(self, prompts: list[str] | str, progress: bool = False, output: str = "pil", **options):
         """Generate one image per prompt. options: steps, cfg_scale, seed, method, grid.
-        output: 'pil' (list of PIL images) or 'tensor' ([B,3,H,W] in [0,1])."""
-        opts = SamplingOptions(**options)
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("no prompts given")
+        output: 'pil' (list of PIL images) or 'tensor' ([B,3,H,W] in [0,1]). Everything is checked
+        before any work; a prompt longer than CLIP's 77 tokens is truncated with a FlowTokWarning."""
+        opts = SamplingOptions.from_kwargs(options)
+        prompts = check_prompts(prompts)
+        one_of(output, OUTPUT_KINDS, "output kind")
+        warn_if_truncated(prompts)
         feats = self.encode_text(prompts)
         z_text = self.text_latents(feats, self.generator_rng(opts.seed))
         images = self.decode(self.flow(z_text, opts, progress), feats)

@@ -58,7 +58,7 @@ def test_cli_generate_random_weights(tmp_path, capsys):
     out = tmp_path / "grid.png"
     cli_main(["generate", "--random-weights", "--prompt", "a cat", "--prompt", "a dog",
               "--steps", "2", "--out", str(out), "--device", "cpu"])
-    assert "noise by design" in capsys.readouterr().out
+    assert "untrained, so the image means nothing" in capsys.readouterr().out
     im = Image.open(out)
     assert im.size == (128, 64)  # 2 images side by side
 
@@ -88,7 +88,7 @@ def test_cli_convert_official_files_then_generate(tmp_path, pipe):
     b = again(["a red circle"], steps=2, seed=3, output="tensor")
     assert torch.equal(a, b)
     with pytest.raises(FileNotFoundError, match="--checkpoint"):
-        cli_main(["convert", "--checkpoint", str(tmp_path / "no.pth"), "--tokenizer", "t", "--clip", "c", "--out", str(tmp_path / "o")])
+        FlowTokPipeline.from_official(str(tmp_path / "no.pth"), "t", "c")
 
 
 def test_compiled_sampler_mode_matches_eager(pipe):

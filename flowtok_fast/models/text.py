@@ -102,6 +102,14 @@ def tokenize(prompts: list[str]) -> torch.Tensor:
     return _TOKENIZER(list(prompts), context_length=NUM_TOKENS)
 
 
+def overlong_prompts(prompts: list[str]) -> list[tuple[str, int]]:
+    """(prompt, its BPE token count) for each prompt that `tokenize` truncates: more than 75
+    tokens between the start and end tokens."""
+    tokenize([""])  # loads the shared tokenizer
+    counts = ((p, len(_TOKENIZER.encode(p))) for p in prompts if len(p) > NUM_TOKENS - 2)  # a token is >= 1 char
+    return [(p, n) for p, n in counts if n > NUM_TOKENS - 2]
+
+
 # ---------------------------------------------------------------- text VAE (context_encoder)
 
 

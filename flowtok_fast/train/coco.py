@@ -16,11 +16,11 @@ import argparse
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from flowtok_fast.errors import UserError
 from flowtok_fast.train.webdata import write_shard
 
 log = logging.getLogger(__name__)
@@ -29,17 +29,22 @@ SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
 def read_karpathy(json_path: str, split: str) -> list[dict]:
     """[{'id', 'file' (relative path), 'captions'}] of one split ('train' includes 'restval')."""
+    from flowtok_fast.validate import read_json
+
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
-    with open(json_path) as f:
-        data = json.load(f)
-    if "images" not in data:
-        raise ValueError(f"{json_path} is not a Karpathy dataset file: no 'images' list")
+        raise UserError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    data = read_json(json_path, "--json")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise UserError(f"{json_path} is not a Karpathy dataset file: expected an object with an 'images' list")
     out = []
-    for im in data["images"]:
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or "filename" not in im:
+            raise UserError(f"{json_path}: images[{i}] has no 'filename': expected Karpathy entries "
+                            '{"filepath", "filename", "cocoid", "split", "sentences"}')
         if im.get("split") not in SPLITS[split]:
             continue
-        caps = [s["raw"].strip() for s in im.get("sentences", []) if s.get("raw", "").strip()]
+        caps = [s["raw"].strip() for s in im.get("sentences", [])
+                if isinstance(s, dict) and isinstance(s.get("raw"), str) and s["raw"].strip()]
         out.append({"id": str(im.get("cocoid", im.get("imgid", im["filename"]))),
                     "file": os.path.join(im.get("filepath", ""), im["filename"]), "captions": caps})
     return out
@@ -87,8 +92,10 @@ def convert(json_path: str, image_root: str, out_dir: str, split: str, per_shard
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="flowtok-fast coco-karpathy", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from flowtok_fast.cli_errors import OneLineParser
+
+    p = OneLineParser(prog="flowtok-fast coco-karpathy", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", required=True, help="dataset_coco.json (Karpathy split)")
     p.add_argument("--images", required=True, help="COCO image root holding train2014/ and val2014/")
     p.add_argument("--split", choices=list(SPLITS), required=True)
@@ -99,8 +106,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     for label, path in (("--json", args.json), ("--images", args.images)):
         if not os.path.exists(path):
-            print(f"error: {label} {path} does not exist", file=sys.stderr)
-            return 2
+            raise UserError(f"{label} {path} does not exist")
+    if args.per_shard < 1:
+        p.error(f"--per-shard must be >= 1, got {args.per_shard}")
     counts = convert(args.json, args.images, args.out, args.split, args.per_shard, args.references)
     print(json.dumps(counts))
     return 0

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from flowtok_fast.configs import NUM_TOKENS, TINY, TokenizerConfig
+from flowtok_fast.errors import UserError
 from flowtok_fast.train.frozen import ImageEncoder
 from flowtok_fast.train.transforms import load_pixels
 from flowtok_fast.train.webdata import (
@@ -48,7 +49,7 @@ def load_encoder(tokenizer: str | None = None, resolution: int | None = None, co
     from flowtok_fast import checkpoint as ckpt
 
     if config not in ("published", "tiny"):
-        raise ValueError(f"config must be 'published' or 'tiny', got {config!r}")
+        raise UserError(f"config must be 'published' or 'tiny', got {config!r}")
     sd = None
     if tokenizer is not None:
         if os.path.isdir(tokenizer):
@@ -116,13 +117,13 @@ def pretokenize(shards, out_dir: str, encoder: ImageEncoder, *, batch_size: int 
     from tqdm.auto import tqdm
 
     if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+        raise UserError(f"precision must be auto, bf16 or fp32, got {precision!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     paths = expand_shards(shards)
     names = [os.path.basename(p) for p in paths]
     if len(set(names)) != len(names):
-        raise ValueError("input shards must have distinct file names: each becomes the output shard of the same name")
+        raise UserError("input shards must have distinct file names: each becomes the output shard of the same name")
     mine = paths[rank::world_size]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -180,7 +181,9 @@ def pretokenize(shards, out_dir: str, encoder: ImageEncoder, *, batch_size: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    from flowtok_fast.cli_errors import OneLineParser
+
+    p = OneLineParser(
         prog="flowtok-fast pretokenize",
         description="Encode image + caption webdataset shards into tokenizer posterior moments (fp16) + caption "
                     "shards for data_source=pretokenized.",
@@ -194,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, default=None, help="default: from the weights (256 or 512); 256 with --random-weights")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=4, help="image decoding processes")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto: bf16 autocast on CUDA (as training encodes online), fp32 on CPU")
@@ -208,10 +212,21 @@ def main(argv: list[str] | None = None) -> int:
         p.error("pass --tokenizer FILE (a local FlowTiTok checkpoint) or --random-weights")
     if not 0 <= args.rank < args.world_size:
         p.error(f"--rank {args.rank} is not in [0, {args.world_size})")
+    for name, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
+                             ("--threads", 1 if args.threads is None else args.threads, 1),
+                             ("--resolution", 16 if args.resolution is None else args.resolution, 16)):
+        if value < low:
+            p.error(f"{name} must be >= {low}, got {value}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.random_weights:
         log.warning("pretokenize: the encoder has random weights: the moments are meaningless (tests and demos only)")
     encoder = load_encoder(None if args.random_weights else args.tokenizer, args.resolution, args.config)
     device = args.device
+    if device is not None:
+        from flowtok_fast.validate import resolve_device
+
+        resolve_device(device)  # 'cuda' without CUDA, a misspelt device: one clear line
     if device is None and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     stats = pretokenize(args.shards, args.out, encoder, batch_size=args.batch_size, device=device,

@@ -1,0 +1,168 @@
+"""Checks of user input made before any model is loaded or sampled: numbers in range, device
+strings, prompts, prompt files and output image paths. Each failure is a UserError naming the
+option or file, what was found and what was expected."""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import tempfile
+from pathlib import Path
+
+from flowtok_fast.errors import UserError
+
+
+def positive_int(value, name: str) -> int:
+    return _int_at_least(value, name, 1)
+
+
+def nonneg_int(value, name: str) -> int:
+    return _int_at_least(value, name, 0)
+
+
+def _int_at_least(value, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
+    if value < low:
+        raise UserError(f"{name} must be an integer >= {low}, got {value}")
+    return int(value)
+
+
+def finite_float(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def one_of(value, choices, name: str):
+    if value not in choices:
+        raise UserError(f"unknown {name} {value!r}: expected one of {', '.join(map(str, choices))}")
+    return value
+
+
+# ---------------------------------------------------------------- devices
+
+SUPPORTED_DEVICES = ("cpu", "cuda")
+
+
+def resolve_device(device):
+    """None -> cuda when available else cpu; otherwise a checked torch.device (cpu, cuda, cuda:N)."""
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = device if isinstance(device, torch.device) else torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UserError(f"device {device!r} is not a device string: expected cpu, cuda or cuda:N") from None
+    if d.type not in SUPPORTED_DEVICES:
+        raise UserError(f"device {device!r} is not supported: expected cpu, cuda or cuda:N")
+    if d.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            built = "without CUDA" if torch.version.cuda is None else f"with CUDA {torch.version.cuda} but no GPU is visible"
+            raise UserError(f"device {device!r}: CUDA is not available (torch {torch.__version__} built {built}); "
+                            "use --device cpu")
+        if d.index is not None and d.index >= count:
+            raise UserError(f"device {device!r}: there are {count} CUDA device(s), numbered 0..{count - 1}")
+    return d
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def check_prompts(prompts) -> list[str]:
+    """A string or a non-empty list of strings -> a list of strings."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise UserError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
+    if not prompts:
+        raise UserError("no prompts given: expected at least one prompt string")
+    bad = [(i, type(p).__name__) for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        i, kind = bad[0]
+        raise UserError(f"prompts must be strings: prompt {i} is a {kind} ({len(bad)} non-string prompt(s) in all)")
+    return list(prompts)
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """One prompt per non-empty line of a UTF-8 text file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--prompt-file {path}: {'is a directory' if p.is_dir() else 'no such file'}")
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserError(f"--prompt-file {path}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}): "
+                        "expected one prompt per line, UTF-8 encoded") from None
+    if "\x00" in text:
+        raise UserError(f"--prompt-file {path}: holds NUL bytes (a binary file?): expected one prompt per line, "
+                        "UTF-8 encoded")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"--prompt-file {path}: no prompts in it (every line is empty)")
+    return prompts
+
+
+def read_json(path: str, what: str):
+    """A JSON file's content; a missing file, bad encoding or a syntax error is named with the file."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} file {path}: {'is a directory' if p.is_dir() else 'no such file'}")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{what} file {path} is not UTF-8 text: expected JSON") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{what} file {path} is not valid JSON: line {err.lineno} column {err.colno}: {err.msg}") from None
+
+
+# ---------------------------------------------------------------- output images
+
+
+def image_output_format(path: str, option: str = "--out") -> str:
+    """Check that an image can be written at `path` (before any sampling) and return the PIL
+    format its extension names. The parent directory may not exist yet: it is created later."""
+    from PIL import Image
+
+    Image.init()
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{option} {path} is a directory: expected an image file name such as {p / 'grid.png'}")
+    ext = p.suffix.lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        raise UserError(f"{option} {path}: unknown image extension {ext or '(none)'!r}: expected .png, .jpg, .webp, "
+                        ".bmp or .tiff")
+    parent = p.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{option} {path}: {parent} is a file, not a directory")
+    try:  # a real write, not os.access: root passes os.access on read-only file systems
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise UserError(f"{option} {path}: cannot write in directory {parent} ({err.strerror})") from None
+    if p.exists() and not os.access(p, os.W_OK):
+        raise UserError(f"{option} {path}: the file exists and is not writable")
+    return fmt
+
+
+def save_image(image, path: str, fmt: str) -> None:
+    """Write through a temporary file in the same directory and rename: never a partial image."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        image.save(tmp, format=fmt)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
