@@ -3,7 +3,9 @@
     python benchmarks/throughput.py                        # CPU default: tiny and B at batch 1
     python benchmarks/throughput.py --model XL H --batch 64 # a GPU (the default there)
 
-Random weights (speed does not depend on them). Modes (--modes):
+Random weights, made on the device (speed does not depend on them), and random CLIP token ids
+(the host-side BPE tokenizer is not timed, and open_clip need not be installed). Modes (--modes,
+measured in the order given):
     eager            reference ops, the pipeline's sampler (flow.sample)
     fused            the Triton kernels, the pipeline's sampler                      [CUDA]
     compiled         static sampler (fast_sampler.py), torch.compile'd generator forward
@@ -15,10 +17,14 @@ Each stage (CLIP, text VAE, flow loop, decoder) is timed separately after a warm
 batch time over --repeats is reported with its spread (min-max images/s). FLOPs per image come
 from flowtok_fast/perf/flops.py (FlopCounterMode: 2 FLOPs per multiply-accumulate of matmuls and
 attention); MFU divides the achieved FLOP rate by a ceiling MEASURED here on the same device: a
-large matmul (bf16 8192^3 on GPU, fp32 2048^3 on CPU), timed. The training step (--train-batch)
+large matmul (bf16 8192^3 on GPU, fp32 2048^3 on CPU), timed; the device-to-device copy
+bandwidth is measured beside it (the memory ceiling). The training step (--train-batch)
 runs forward + backward of the generator with the FlowTok objective (flow + alignment + KL) and
 an AdamW step on random latents and CLIP features; MFU counts model FLOPs (no recomputation).
-One JSON record per measured configuration is appended to --results; a table is printed.
+One JSON record per configuration (a skipped one with its reason) is appended to --results the
+moment it is measured, so a run stopped half-way keeps what it measured; a table is printed.
+A one-line warning says when the load average exceeds the core count (timings then are not
+the machine's).
 """
 from __future__ import annotations
 
@@ -81,11 +87,43 @@ def time_stages(pipe: FlowTokPipeline, prompts: list[str], opts: SamplingOptions
         out[name] = time.perf_counter() - t0
         return result
 
-    feats = timed("clip", lambda: pipe.encode_text(prompts))
+    feats = timed("clip", lambda: encode_ids(pipe, prompts))
     z = timed("text_vae", lambda: pipe.text_latents(feats, pipe.generator_rng(opts.seed)))
     x = timed("flow", lambda: flow_fn(z))
     timed("decoder", lambda: decode_fn(x, feats))
     return out
+
+
+def token_ids(batch: int, seed: int = 0) -> torch.Tensor:
+    """[batch, 77] CLIP token ids without the BPE tokenizer (open_clip need not be installed):
+    start token, 20 random word ids, end token, zero padding, like a short prompt. The text
+    tower's cost does not depend on which ids."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(batch, NUM_TOKENS, dtype=torch.long)
+    ids[:, 0], ids[:, 21] = 49406, 49407
+    ids[:, 1:21] = torch.randint(256, 49406, (batch, 20), generator=g)
+    return ids
+
+
+@torch.no_grad()
+def encode_ids(pipe: FlowTokPipeline, ids: torch.Tensor) -> torch.Tensor:
+    """The pipeline's CLIP stage on token ids (what `pipe.encode_text` does after tokenizing)."""
+    ids = ids.to(pipe.device, non_blocking=True)
+    with pipe.autocast():
+        return pipe.clip(ids)
+
+
+def load_warning(state: dict) -> None:
+    """One line on stderr, once per run, when the 1-minute load average exceeds the core count:
+    timings on an oversubscribed machine are not the device's (OpenMP threads wait on each other)."""
+    try:
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    except OSError:  # no load average on this platform
+        return
+    if load > cores and not state.get("warned"):
+        state["warned"] = True
+        print(f"warning: load average {load:.1f} exceeds the {cores} cores: other jobs compete for this machine, "
+              "timings are lower and noisier than the device allows", file=sys.stderr, flush=True)
 
 
 def commit() -> str:
@@ -132,6 +170,24 @@ def measure_ceiling(device: torch.device, repeats: int = 5, n: int | None = None
     return {"ceiling_tflops": 2 * n**3 / statistics.median(times) / 1e12, "ceiling_matmul": f"{str(dtype)[6:]} {n}^3"}
 
 
+def measure_copy_ceiling(device: torch.device, repeats: int = 5, mib: int | None = None) -> dict:
+    """Device-to-device copy bandwidth (bytes read + written per second, median): the memory
+    traffic ceiling. 1 GiB on CUDA (far beyond L2), 64 MiB on CPU."""
+    n = (mib or (1024 if device.type == "cuda" else 64)) * 2**20 // 4
+    src = torch.empty(n, device=device, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return {"ceiling_copy_gbps": 2 * src.numel() * 4 / statistics.median(times) / 1e9,
+            "ceiling_copy": f"fp32 {n * 4 // 2**20} MiB device-to-device"}
+
+
 def _peak_reset(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -145,7 +201,7 @@ def run_mode(pipe: FlowTokPipeline, mode: str, batch: int, steps: int, cfg: floa
     impl, sampler_mode, compile_ = MODES[mode]
     pipe.set_fused_kernels(impl == "triton")
     opts = SamplingOptions(steps=steps, cfg_scale=cfg)
-    prompts = [f"a photo of object number {i}" for i in range(batch)]
+    prompts = token_ids(batch)
     dev = pipe.device
     _peak_reset(dev)
     t0 = time.perf_counter()
@@ -172,16 +228,23 @@ def run_mode(pipe: FlowTokPipeline, mode: str, batch: int, steps: int, cfg: floa
 def bench_inference(model: str, modes: list[str], batch: int, steps: int, cfg: float, resolution: int, repeats: int,
                     device: str | None, ceiling: dict, env: dict) -> list[dict]:
     config = get_config(model, resolution)
-    pipe = FlowTokPipeline.random(config, device=device)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    with dev:  # random weights made on the device: a 1B-parameter init on the host takes a while
+        parts = FlowTokPipeline.build(config)
+    pipe = FlowTokPipeline(config, *parts, device=dev)
     e2e = flops.end_to_end(config, steps, cfg)
     records = []
     for mode in modes:
         reason = skip_reason(mode, pipe.device)
         if reason:
             records.append({"benchmark": "skipped", "model": config.name, "mode": mode, "reason": reason})
+            save(records[-1])
             continue
         print(f"measuring {model} {mode} ...", file=sys.stderr, flush=True)
+        load_warning(_LOAD)
         r = run_mode(pipe, mode, batch, steps, cfg, repeats)
+        load_warning(_LOAD)
         achieved = e2e["total"] * r["images_per_s"]
         flow_rate = e2e["flow"] * batch / r["stages_s"]["flow"]
         records.append({
@@ -190,6 +253,7 @@ def bench_inference(model: str, modes: list[str], batch: int, steps: int, cfg: f
             "flops_per_image": e2e["total"], "achieved_tflops": achieved / 1e12,
             "mfu": achieved / (ceiling["ceiling_tflops"] * 1e12), "flow_mfu": flow_rate / (ceiling["ceiling_tflops"] * 1e12),
         })
+        save(records[-1])  # now: a later mode that times out or crashes loses nothing measured
     return records
 
 
@@ -231,6 +295,7 @@ def bench_train(model: str, batch: int, repeats: int, device: str | None, impl: 
         opt.zero_grad(set_to_none=True)
 
     print(f"measuring {model} training step (batch {batch}, ops {impl}, recompute {recompute}) ...", file=sys.stderr, flush=True)
+    load_warning(_LOAD)
     _peak_reset(dev)
     step()  # warm-up: allocator, optimizer state
     times = []
@@ -247,6 +312,18 @@ def bench_train(model: str, batch: int, repeats: int, device: str | None, impl: 
             "seconds_min": min(times), "seconds_max": max(times), "repeats": repeats, "peak_mem_gib": _peak_gib(dev),
             "train_flops_per_sample": model_flops, "mfu": model_flops * batch / med / (ceiling["ceiling_tflops"] * 1e12),
             **env, **ceiling}
+
+
+_LOAD: dict = {}  # load_warning's state: warned once per run
+_RESULTS: list[str] = []  # the JSON lines file of this run (main sets it)
+
+
+def save(record: dict) -> None:
+    """Append one record to the results file at once (flushed), skipped modes included."""
+    if _RESULTS:
+        with open(_RESULTS[0], "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
 
 
 def print_table(records: list[dict]) -> None:
@@ -278,7 +355,8 @@ def print_table(records: list[dict]) -> None:
     if measured:
         r = measured[0]
         print(f"device: {r['device']}; torch {r['torch']}, triton {r['triton']}, commit {r['commit']}; "
-              f"ceiling {r['ceiling_tflops']:.3g} TFLOP/s ({r['ceiling_matmul']} matmul, measured); "
+              f"ceilings {r['ceiling_tflops']:.3g} TFLOP/s ({r['ceiling_matmul']} matmul), "
+              f"{r['ceiling_copy_gbps']:.0f} GB/s ({r['ceiling_copy']} copy), both measured; "
               "stage columns are shares of the median batch time")
 
 
@@ -306,9 +384,12 @@ def main(argv=None) -> list[dict]:
     args = p.parse_args(argv)
 
     dev = torch.device(args.device or ("cuda" if on_gpu else "cpu"))
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+    _RESULTS[:] = [args.results]
+    load_warning(_LOAD)
     env = environment(dev)
-    print("measuring the matmul ceiling ...", file=sys.stderr, flush=True)
-    ceiling = measure_ceiling(dev, n=args.ceiling_size)
+    print("measuring the matmul and copy ceilings ...", file=sys.stderr, flush=True)
+    ceiling = {**measure_ceiling(dev, n=args.ceiling_size), **measure_copy_ceiling(dev)}
     records = []
     for model in [] if args.train_only else args.model:
         modes = args.modes or list(MODES)
@@ -320,11 +401,7 @@ def main(argv=None) -> list[dict]:
         for model in args.train_model or (args.model if dev.type == "cuda" else ["tiny"]):
             records.append(bench_train(model, args.train_batch, args.repeats, args.device, args.train_ops,
                                        args.recompute, ceiling, env))
-    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-    with open(args.results, "a") as f:
-        for r in records:
-            if r["benchmark"] != "skipped":
-                f.write(json.dumps(r) + "\n")
+            save(records[-1])
     print_table(records)
     return records
 
