@@ -155,7 +155,7 @@ def build_frozen_parts(cfg: TrainConfig, clip_path: str | None, tokenizer_path: 
     clip = random_image = None
     if tiny and (not clip_path or not tokenizer_path):
         torch.manual_seed(cfg.seed)  # the trainer's order: CLIP first, then the image encoder
-        frozen = build_frozen(model_cfg, clip_path, None, with_image=True)
+        frozen = build_frozen(model_cfg, clip_path, None, with_image=i2t)
         clip, random_image = frozen.clip, frozen.image
     if clip is None and not i2t:
         clip = ClipTextEncoder(model_cfg.clip)
@@ -170,7 +170,7 @@ def build_frozen_parts(cfg: TrainConfig, clip_path: str | None, tokenizer_path: 
                 raise RuntimeError(f"image encoder keys unknown to FlowTiTok: {result.unexpected_keys[:5]}")
         log.warning("%s names no tokenizer_weights: the exported tokenizer's %s random weights (the tiny test "
                     "model); pass --tokenizer FILE for a real one", source,
-                    "decoder has" if i2t and cfg.data_kind == "pixels" else "networks have")
+                    "encoder and decoder have" if i2t and cfg.data_kind != "pixels" else "decoder has")
     return clip, tokenizer
 
 
@@ -226,7 +226,11 @@ def export_model(checkpoint: str | Path, out: str | Path, use_ema: bool = False,
         provenance = {"checkpoint": str(checkpoint.resolve()), "step": step, "ema": use_ema, "direction": cfg.direction,
                       "clip_weights": clip_path, "tokenizer_weights": tok_path, "train_config": cfg.to_dict()}
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp and the atomic writes make everything private
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

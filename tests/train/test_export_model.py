@@ -116,3 +116,19 @@ def test_export_errors_name_the_problem(runs, tmp_path):
             main([str(copy), "--out", str(tmp_path / "m")])
         assert "\n" not in str(info.value)
     assert not (tmp_path / "m").exists()
+
+
+def test_tokenizer_file_given_on_the_command_line(runs, tmp_path):
+    from flowtok_fast.models.tokenizer import FlowTiTok
+    from flowtok_fast.train.tokenizer_trainer import export_tokenizer
+
+    _, ckpt = runs["t2i"]
+    torch.manual_seed(7)
+    tok = FlowTiTok(TINY.tokenizer)
+    export_tokenizer(tok, tmp_path / "tok")
+    main([str(ckpt), "--out", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok" / "model.safetensors")])
+    pipe = FlowTokPipeline.from_pretrained(str(tmp_path / "model"), device="cpu")
+    expected = {k: v for k, v in tok.state_dict().items() if k.startswith(("decoder.", "latent_norm."))}
+    _assert_same(pipe.tokenizer.state_dict(), expected)
+    with pytest.raises(UserError, match="--tokenizer .*gone.bin is not a file"):
+        main([str(ckpt), "--out", str(tmp_path / "m2"), "--tokenizer", str(tmp_path / "gone.bin")])
