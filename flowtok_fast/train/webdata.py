@@ -44,6 +44,7 @@ import io
 import logging
 import os
 import re
+import signal
 import sys
 import tarfile
 from collections import Counter, OrderedDict
@@ -561,6 +562,12 @@ class BatchStream(IterableDataset):
 # ---------------------------------------------------------------- the trainer-facing source
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """A terminal's Ctrl-C reaches the loader workers too: they keep loading, so the trainer can
+    finish its step and save (it stops them when it exits)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class WebDatasetSource:
     """Training batches from webdataset shards (see the module docstring): `next_step()` gives this
     process's grad_accum micro-batches for one optimizer step, as [(global micro-batch index,
@@ -610,7 +617,8 @@ class WebDatasetSource:
                 self._it = iter(stream)
             else:
                 self._loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                                          prefetch_factor=self.prefetch_factor, persistent_workers=False)
+                                          prefetch_factor=self.prefetch_factor, persistent_workers=False,
+                                          worker_init_fn=_ignore_sigint)
                 self._it = iter(self._loader)
         return self._it
 

@@ -203,3 +203,21 @@ def test_config_checks_the_data_keys():
     with pytest.raises(ValueError, match="data_source='folder'"):
         TrainConfig(data_source="folder")
     assert TrainConfig(data_source="pretokenized", data_path="x").data_workers == 4
+
+
+def test_loader_workers_survive_a_ctrl_c(tmp_path):
+    """Ctrl-C in a terminal signals the whole process group: the workers must keep serving the
+    batches the trainer needs to finish its step and save."""
+    import signal
+
+    from flowtok_fast.models.text import tokenize
+
+    tokenize(["load the tokenizer here"])  # once, before the worker forks
+    make_shards(tmp_path, 2, 8)
+    src = source(str(tmp_path), num_workers=1, global_batch=2, micro_batch=2)
+    first = src.next_batch()["keys"]
+    (worker,) = src._it._workers
+    os.kill(worker.pid, signal.SIGINT)
+    keys = [first] + [src.next_batch()["keys"] for _ in range(5)]
+    assert worker.is_alive() and len(keys) == 6
+    src.close()
