@@ -26,11 +26,13 @@ Ceilings are measured on the device: bandwidth from a large device-to-device cop
 written), FLOP/s from a large matmul in the benchmark dtype.
 
 GPU timing: triton.testing.do_bench (L2 flushed before each run, gradients reset), p20/p50/p80;
-torch.compile is static and fresh per shape, its compile time is not timed. Without CUDA the
+torch.compile is static and fresh per shape, its compile time is not timed. Each case's records
+are appended to --jsonl the moment the case finishes (a timeout loses only the case in flight);
+--quick is the GPU suite's mode: one shape per op, attention at N 77 / 410 and hd 72 / 64 (plain,
+so SDPA-flash takes the same problem) plus the decoder's RoPE case. Without CUDA the
 script runs a reduced mode: small shapes, one thread, medians of time.perf_counter, the Triton
 kernels once each in the interpreter (a smoke run, not a timing); small tensors stay in cache,
-so the copy-bandwidth fraction can pass 100% there. A table is printed and one JSON line per
-measurement appended to --results.
+so the copy-bandwidth fraction can pass 100% there. A table is printed at the end.
 """
 from __future__ import annotations
 
@@ -153,8 +155,9 @@ def _make_attention(s, dt, dev, g):
 def _attn_gen_shapes(scale, mode):
     if scale == "cpu":
         return [{"B": _rows(1, mode), "N": 77, "H": 2, "hd": 72, "R": 0}]
-    if scale == "quick":
-        return [{"B": _rows(64, mode), "N": 77, "H": 16, "hd": 72, "R": 0}]
+    if scale == "quick":  # against SDPA (flash) at both sequence lengths and both head dims
+        return [{"B": _rows(64, mode), "N": n, "H": h, "hd": hd, "R": 0}
+                for n in (77, 410) for h, hd in ((16, 72), (20, 64))]
     return [{"B": _rows(b, mode), "N": n, "H": _HEADS[d], "hd": d // _HEADS[d], "R": 0}
             for d in (1152, 1280) for n in (77, 154) for b in _SAMPLES]
 
@@ -449,13 +452,22 @@ def print_table(records: list[dict], file=sys.stdout) -> None:
               f"{100 * r['frac_bw']:4.0f}% {tf} {speed}", file=file)
 
 
+def append_jsonl(path: str, records: list[dict]) -> None:
+    """Append one JSON line per record and push it to disk now: a step killed later keeps it."""
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS), help="ops to run (default: all)")
     p.add_argument("--quick", action="store_true", help="one real shape per op (GPU); CPU mode is always small")
     p.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--results", default="results/kernels.jsonl", help="JSON lines file to append to")
+    p.add_argument("--jsonl", "--results", dest="jsonl", default="results/kernels.jsonl",
+                   help="JSON lines file; each case's records are appended as soon as it finishes")
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -476,27 +488,26 @@ def main(argv=None) -> list[dict]:
           f"{ceiling['ceiling_gbps']:.0f} GB/s (copy {ceiling['ceiling_copy']}), "
           f"{ceiling['ceiling_tflops']:.2f} TFLOP/s (matmul {ceiling['ceiling_matmul']})", flush=True)
 
+    extra = {"benchmark": "kernels", "dtype": str(dtype)[6:], "cpu_reduced": not cuda, **env, **ceiling}
+    if not cuda:
+        extra["note"] = CPU_NOTE
+    os.makedirs(os.path.dirname(os.path.abspath(args.jsonl)), exist_ok=True)
     records = []
     for name in args.ops:
         op = OPS[name]
         for mode in op.modes:
             for shape in op.shapes(scale, mode):
                 print(f"  {name} {mode} {shape_str(shape)} ...", file=sys.stderr, flush=True)
-                records += run_case(op, shape, mode, dtype, device, ceiling)
-
-    extra = {"benchmark": "kernels", "dtype": str(dtype)[6:], "cpu_reduced": not cuda, **env, **ceiling}
-    if not cuda:
-        extra["note"] = CPU_NOTE
-    records = [{**r, **extra} for r in records]
-    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-    with open(args.results, "a") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+                t0 = time.perf_counter()
+                case = run_case(op, shape, mode, dtype, device, ceiling)
+                case = [{**r, **extra, "case_s": round(time.perf_counter() - t0, 2)} for r in case]
+                append_jsonl(args.jsonl, case)
+                records += case
     print()
     if not cuda:
         print(CPU_NOTE)
     print_table(records)
-    print(f"\n{len(records)} records appended to {args.results}")
+    print(f"\n{len(records)} records appended to {args.jsonl}")
     return records
 
 

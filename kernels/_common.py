@@ -1,6 +1,5 @@
 """Helpers shared by the kernel files: device and dtype checks, output allocation, launch sizes,
-the bf16 rounding helper, and the signatures of the GPU compile test."""
-import inspect
+and the bf16 rounding helper."""
 import os
 
 import torch
@@ -69,15 +68,3 @@ def round_to(x, dtype: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # NaN stays NaN
     return x.to(dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# For gpu_compile_configs(): pointer types by torch dtype, and signatures in parameter order
-# --------------------------------------------------------------------------------------------
-PTR_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
-
-
-def signature(fn, types: dict) -> dict:
-    """Orders ``types`` by the kernel's parameters; constexpr parameters map to "constexpr"."""
-    return {name: "constexpr" if p.annotation is tl.constexpr else types[name]
-            for name, p in inspect.signature(fn.fn).parameters.items()}

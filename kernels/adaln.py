@@ -26,8 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import PTR_TYPES as _TL
-from ._common import check_device, check_float, check_out_dtype, new_empty, next_pow2, signature
+from ._common import check_device, check_float, check_out_dtype, new_empty, next_pow2
 # round_to lives in _common; it stays importable from here, where other kernel files found it.
 from ._common import round_to
 
@@ -462,56 +461,3 @@ def gated_residual_ln_modulate_ref(x, y, gate, shift, scale, eps: float = 1e-6,
                                    out_dtype: Optional[torch.dtype] = None):
     res = gated_residual_ref(x, y, gate)
     return res, ln_modulate_ref(res, shift, scale, eps, out_dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# Launch configurations at real shapes, for the GPU compile/spill test
-# --------------------------------------------------------------------------------------------
-def gpu_compile_configs():
-    """One dict per kernel launch configuration used by the generators (XL: D 1152, H: D 1280)
-    in the two dtype regimes: autocast (fp32 residual, bf16 activations and modulation, bf16
-    modulated output) and pure bf16."""
-    f32, bf16 = torch.float32, torch.bfloat16
-    configs = []
-    for D in (1152, 1280):
-        block, tile_rows, num_warps = _launch_params(D)
-        bwd_warps = _launch_params(D, backward=True)[2]
-        for regime, resid in (("autocast", f32), ("bf16", bf16)):
-            for has_gate, has_ln, op in ((False, True, "ln_modulate"), (True, False, "gated_residual"),
-                                         (True, True, "gated_residual_ln_modulate")):
-                # Unused pointers receive x, so they carry x's dtype.
-                x_t = _TL[resid]
-                fwd = {
-                    "X": x_t, "Y": _TL[bf16] if has_gate else x_t, "GATE": _TL[bf16] if has_gate else x_t,
-                    "SHIFT": _TL[bf16] if has_ln else x_t, "SCALE": _TL[bf16] if has_ln else x_t,
-                    "RES": _TL[resid] if has_gate else x_t, "MOD": _TL[bf16] if has_ln else x_t,
-                    "MEAN": "*fp32" if has_ln else x_t, "RSTD": "*fp32" if has_ln else x_t,
-                    "n_rows": "i32", "N": "i32", "D": "i32", "stride_gate": "i32", "stride_shift": "i32",
-                    "stride_scale": "i32", "eps": "fp32",
-                }
-                configs.append({
-                    "name": f"adaln_fwd_{op}_{regime}_D{D}", "fn": _adaln_fwd_kernel,
-                    "signature": signature(_adaln_fwd_kernel, fwd),
-                    "constexprs": {"ROWS": tile_rows, "BLOCK_D": block, "HAS_GATE": has_gate,
-                                   "HAS_LN": has_ln},
-                    "num_warps": num_warps, "num_stages": 1,
-                })
-                # Backward: H is x/res (resid dtype); gradients arrive in the outputs' dtypes.
-                like = _TL[resid] if has_ln else _TL[bf16]
-                bwd = {
-                    "DMOD": _TL[bf16] if has_ln else like, "DRES": _TL[resid] if has_gate else like,
-                    "H": _TL[resid] if has_ln else like, "Y": _TL[bf16] if has_gate else like,
-                    "GATE": _TL[bf16] if has_gate else like, "SCALE": _TL[bf16] if has_ln else like,
-                    "MEAN": "*fp32" if has_ln else like, "RSTD": "*fp32" if has_ln else like,
-                    "DH": _TL[resid] if has_ln else like, "DY": _TL[bf16] if has_gate else like,
-                    "PART": "*fp32", "N": "i32", "D": "i32", "n_chunks": "i32",
-                    "stride_gate": "i32", "stride_scale": "i32",
-                }
-                configs.append({
-                    "name": f"adaln_bwd_{op}_{regime}_D{D}", "fn": _adaln_bwd_kernel,
-                    "signature": signature(_adaln_bwd_kernel, bwd),
-                    "constexprs": {"ROWS": _BWD_ROWS, "TILE_ROWS": tile_rows, "BLOCK_D": block,
-                                   "HAS_LN": has_ln, "HAS_GATE": has_gate, "HAS_DRES": has_gate},
-                    "num_warps": bwd_warps, "num_stages": 1,
-                })
-    return configs

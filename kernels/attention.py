@@ -20,7 +20,7 @@ before they are stored into the gradient of the packed qkv tensor.
 
 Public API: ``attention`` (the ``flowtok::attention_fwd`` / ``flowtok::attention_bwd`` custom
 ops with autograd), ``attention_ref`` / ``apply_rope_ref`` (plain PyTorch; also the models'
-CPU path) and ``gpu_compile_configs`` (launch configurations for the GPU compile test).
+CPU path). tests/kernels/gpu_compile.py compiles the variants the launchers really launch.
 """
 from typing import Optional
 
@@ -29,15 +29,23 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_device, interpreting, new_empty, next_pow2
+from ._common import check_device, interpreting, new_empty, next_pow2, round_to
 
 # Softmax runs in base 2 (exp2 is the native instruction): scores * log2(e), lse back * ln(2).
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
-# Dot products: operands in the input dtype on GPU for bf16 / fp16 (tensor cores, fp32
-# accumulation, as FlashAttention); fp32 in the interpreter (its 16-bit dot is wrong) and for
-# fp32 inputs, where input_precision="ieee" keeps them exact instead of TF32.
+# Dot products (DOT_LOWP, set for bf16 / fp16 inputs): the operands, P and dS included, are
+# rounded to the input dtype and multiplied with fp32 accumulation, as FlashAttention does. On GPU
+# they go to tl.dot in that dtype (tensor cores). The interpreter's 16-bit dot is wrong, so there
+# _dot_operand rounds them to the same 16-bit values (to nearest, as the GPU) and multiplies in
+# fp32: products of 16-bit numbers are exact in fp32, so CI sees the GPU's numerics. fp32 inputs
+# use input_precision="ieee", exact instead of TF32.
+_EMULATE_LOWP_DOT = tl.constexpr(interpreting())
+
+# Tests set this to True to run the GPU's launch parameters (64-wide tiles, the backward's
+# 32-query steps) in the interpreter, where the default is 32-wide tiles.
+GPU_LAUNCH_IN_INTERPRETER = False
 
 # Dtypes the kernels take for qkv (the reference also takes float64, for exact baselines).
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -58,6 +66,14 @@ def _store_cast(x, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
         bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def _dot_operand(x, dot_dtype: tl.constexpr):
+    """An fp32 tile as a tl.dot operand of dtype dot_dtype (see the top of the file)."""
+    if _EMULATE_LOWP_DOT and dot_dtype != tl.float32:
+        return round_to(x, dot_dtype).to(tl.float32)
+    return x.to(dot_dtype)
 
 
 @triton.jit
@@ -160,8 +176,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, cos_ptr, sin_ptr, offs_d,
         k = _load_rows(k_base, offs_n, offs_d, stride_n, N, HEAD_DIM, ALIGNED)
         if ROTATE:
             k = _rope(k, cos_ptr, sin_ptr, offs_n, offs_d, R, HEAD_DIM, BLOCK_N, BLOCK_D, ALIGNED)
-        k = k.to(dot_dtype)
-        v = _load_rows(v_base, offs_n, offs_d, stride_n, N, HEAD_DIM, ALIGNED).to(dot_dtype)
+        k = _dot_operand(k, dot_dtype)
+        v = _load_rows(v_base, offs_n, offs_d, stride_n, N, HEAD_DIM, ALIGNED)
+        v = _dot_operand(v, dot_dtype)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         s = tl.where(offs_n[None, :] < N, s, float("-inf"))  # keys past the end
         # Key 0 is always valid, so m_new is finite from the first block on.
@@ -169,7 +186,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, cos_ptr, sin_ptr, offs_d,
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(_dot_operand(p, dot_dtype), v, input_precision="ieee")
         m_i = m_new
     return acc, l_i, m_i
 
@@ -199,7 +216,8 @@ def _attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_qk(q_base, offs_m, offs_d, stride_qkv_n, N, cos_ptr, sin_ptr, R, start_m,
-                 HEAD_DIM, BLOCK_M, BLOCK_D, HAS_ROPE, ALIGNED).to(dot_dtype)
+                 HEAD_DIM, BLOCK_M, BLOCK_D, HAS_ROPE, ALIGNED)
+    q = _dot_operand(q, dot_dtype)
 
     # Online softmax in base 2: scores are multiplied by qk_scale = hd**-0.5 * log2(e). Keys of
     # image tokens (blocks below R) are rotated; the rest run in a loop without table loads.
@@ -277,25 +295,29 @@ def _attn_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_qk(k_base, offs_n, offs_d, stride_qkv_n, N, cos_ptr, sin_ptr, R, start_n,
-                 HEAD_DIM, BLOCK_N, BLOCK_D, HAS_ROPE, ALIGNED).to(dot_dtype)
-    v = _load_rows(v_base, offs_n, offs_d, stride_qkv_n, N, HEAD_DIM, ALIGNED).to(dot_dtype)
+                 HEAD_DIM, BLOCK_N, BLOCK_D, HAS_ROPE, ALIGNED)
+    k = _dot_operand(k, dot_dtype)
+    v = _load_rows(v_base, offs_n, offs_d, stride_qkv_n, N, HEAD_DIM, ALIGNED)
+    v = _dot_operand(v, dot_dtype)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_qk(q_base, offs_m, offs_d, stride_qkv_n, N, cos_ptr, sin_ptr, R, start_m,
-                     HEAD_DIM, BLOCK_M, BLOCK_D, HAS_ROPE, ALIGNED).to(dot_dtype)
-        do = _load_rows(do_base, offs_m, offs_d, stride_dout_n, N, HEAD_DIM, ALIGNED).to(dot_dtype)
+                     HEAD_DIM, BLOCK_M, BLOCK_D, HAS_ROPE, ALIGNED)
+        q = _dot_operand(q, dot_dtype)
+        do = _load_rows(do_base, offs_m, offs_d, stride_dout_n, N, HEAD_DIM, ALIGNED)
+        do = _dot_operand(do, dot_dtype)
         # Padded query rows read lse = +inf, so their probabilities are exactly 0.
         lse = tl.load(lse_ptr + row_base + offs_m, mask=offs_m < N, other=float("inf")) * LOG2E
         delta = tl.load(delta_ptr + row_base + offs_m, mask=offs_m < N, other=0.0)
         # P^T recomputed from q, k and the saved logsumexp (base 2).
         p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale - lse[None, :])
-        dv += tl.dot(p_t.to(dot_dtype), do, input_precision="ieee")
+        dv += tl.dot(_dot_operand(p_t, dot_dtype), do, input_precision="ieee")
         dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(dot_dtype), q, input_precision="ieee")
+        dk += tl.dot(_dot_operand(ds_t, dot_dtype), q, input_precision="ieee")
 
     dk = dk * sm_scale
     if HAS_ROPE:
@@ -335,8 +357,10 @@ def _attn_bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_qk(q_base, offs_m, offs_d, stride_qkv_n, N, cos_ptr, sin_ptr, R, start_m,
-                 HEAD_DIM, BLOCK_M, BLOCK_D, HAS_ROPE, ALIGNED).to(dot_dtype)
-    do = _load_rows(do_base, offs_m, offs_d, stride_dout_n, N, HEAD_DIM, ALIGNED).to(dot_dtype)
+                 HEAD_DIM, BLOCK_M, BLOCK_D, HAS_ROPE, ALIGNED)
+    q = _dot_operand(q, dot_dtype)
+    do = _load_rows(do_base, offs_m, offs_d, stride_dout_n, N, HEAD_DIM, ALIGNED)
+    do = _dot_operand(do, dot_dtype)
     lse = tl.load(lse_ptr + row_base + offs_m, mask=offs_m < N, other=0.0) * LOG2E
     delta = tl.load(delta_ptr + row_base + offs_m, mask=offs_m < N, other=0.0)
 
@@ -344,14 +368,16 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_qk(k_base, offs_n, offs_d, stride_qkv_n, N, cos_ptr, sin_ptr, R, start_n,
-                     HEAD_DIM, BLOCK_N, BLOCK_D, HAS_ROPE, ALIGNED).to(dot_dtype)
-        v = _load_rows(v_base, offs_n, offs_d, stride_qkv_n, N, HEAD_DIM, ALIGNED).to(dot_dtype)
+                     HEAD_DIM, BLOCK_N, BLOCK_D, HAS_ROPE, ALIGNED)
+        k = _dot_operand(k, dot_dtype)
+        v = _load_rows(v_base, offs_n, offs_d, stride_qkv_n, N, HEAD_DIM, ALIGNED)
+        v = _dot_operand(v, dot_dtype)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale - lse[:, None])
         # Keys past the end: exp2(-lse) could overflow, so zero them explicitly.
         p = tl.where(offs_n[None, :] < N, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(dot_dtype), k, input_precision="ieee")
+        dq += tl.dot(_dot_operand(ds, dot_dtype), k, input_precision="ieee")
 
     dq = dq * sm_scale
     if HAS_ROPE:
@@ -369,8 +395,7 @@ def _attn_bwd_dq_kernel(
 
 def _launch_params(head_dim: int, dtype: torch.dtype, has_rope: bool, aligned: bool, *,
                    gpu: bool) -> dict:
-    """{kernel: (constexprs, launch options)}; the launchers and ``gpu_compile_configs`` both
-    take them from here, so the compile test checks what runs.
+    """{kernel: (constexprs, launch options)} for every launch of the forward and backward.
 
     GPU: 64 x 64 tiles (N = 77 / 154 waste little; 410 / 1178 give enough programs), the head
     dim padded to a power of two with masks (72 -> 128), 16-bit tensor-core dots for 16-bit
@@ -378,7 +403,8 @@ def _launch_params(head_dim: int, dtype: torch.dtype, has_rope: bool, aligned: b
     through the queries 32 at a time, and BLOCK_D = 128 gets 8 warps in the backward: no
     register spills on sm_80 or sm_90.
     Interpreter: 32 x 32 tiles, which keeps the tests fast and makes even N = 77 span several
-    blocks (online-softmax rescaling, ragged last block); fp32 dots; bf16 stores rounded."""
+    blocks (online-softmax rescaling, ragged last block); 16-bit dot operands emulated (see the
+    top of the file); bf16 stores rounded to nearest."""
     block_d = max(16, next_pow2(head_dim))
     tile = 64 if gpu else 32
     stages = 2 if gpu else 1
@@ -386,8 +412,8 @@ def _launch_params(head_dim: int, dtype: torch.dtype, has_rope: bool, aligned: b
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, ALIGNED=aligned)
     modes = dict(
         HAS_ROPE=has_rope,
-        DOT_LOWP=gpu and dtype != torch.float32,
-        ROUND_BF16=not gpu and dtype == torch.bfloat16,
+        DOT_LOWP=dtype != torch.float32,
+        ROUND_BF16=interpreting() and dtype == torch.bfloat16,
     )
     fwd_opts = dict(num_warps=4, num_stages=stages)
     bwd_opts = dict(num_warps=bwd_warps, num_stages=stages)
@@ -397,6 +423,10 @@ def _launch_params(head_dim: int, dtype: torch.dtype, has_rope: bool, aligned: b
         "dkdv": ({**common, "BLOCK_M": 32, "BLOCK_N": tile, **modes}, bwd_opts),
         "dq": ({**common, "BLOCK_M": tile, "BLOCK_N": tile, **modes}, bwd_opts),
     }
+
+
+def _gpu_launch() -> bool:
+    return not interpreting() or GPU_LAUNCH_IN_INTERPRETER
 
 
 def _rows_aligned(hd: int, *tensors: Optional[torch.Tensor]) -> bool:
@@ -482,7 +512,7 @@ def attention_fwd(
     lse = new_empty((B, H, N), like=qkv, dtype=torch.float32)
     cos, sin, R = _tables(rope_cos, rope_sin, lse)
     aligned = _rows_aligned(hd, qkv, out, *((cos, sin) if R else ()))
-    params = _launch_params(hd, qkv.dtype, R > 0, aligned, gpu=not interpreting())
+    params = _launch_params(hd, qkv.dtype, R > 0, aligned, gpu=_gpu_launch())
     meta, options = params["fwd"]
     _attn_fwd_kernel[(triton.cdiv(N, meta["BLOCK_M"]) * B * H,)](
         qkv, cos, sin, out, lse,
@@ -520,7 +550,7 @@ def attention_bwd(
     dqkv = new_empty(qkv.shape, like=qkv)
     cos, sin, R = _tables(rope_cos, rope_sin, lse)
     aligned = _rows_aligned(hd, qkv, out, dout, dqkv, *((cos, sin) if R else ()))
-    params = _launch_params(hd, qkv.dtype, R > 0, aligned, gpu=not interpreting())
+    params = _launch_params(hd, qkv.dtype, R > 0, aligned, gpu=_gpu_launch())
     sm_scale = hd ** -0.5
 
     meta, options = params["delta"]
@@ -609,44 +639,3 @@ def attention_ref(qkv: torch.Tensor, rope_cos: Optional[torch.Tensor] = None,
         q, k = rope(q), rope(k)
     out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).reshape(B, N, H * hd)
-
-
-# ---------------------------------------------------------------------------------------------
-# GPU compile configurations
-# ---------------------------------------------------------------------------------------------
-
-
-def gpu_compile_configs() -> list:
-    """One entry per (kernel, constexprs, launch options) launched on GPU at the real model
-    shapes, bf16: generator XL (hd 72, H 16) and H (hd 64, H 20) at N = 77 / 154 without RoPE,
-    tokenizer decoder (hd 64, H 16) at N = 410 / 1178 with R = 256 / 1024. N, R and H are
-    runtime arguments, so these collapse onto (head dim, RoPE on / off); duplicates (the delta
-    kernel has no RoPE) are listed once. ALIGNED=True, as at every real shape, so the compiled
-    code has the 16-byte vector loads and cp.async pipelining a real launch gets."""
-    ptr = {"qkv_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "out_ptr": "*bf16",
-           "lse_ptr": "*fp32", "dout_ptr": "*bf16", "delta_ptr": "*fp32", "dqkv_ptr": "*bf16"}
-    floats = {"qk_scale": "fp32", "sm_scale": "fp32"}
-
-    def signature(fn, constexprs):
-        # Every argument in order: pointers, fp32 scalars, constexprs, the rest (sizes and
-        # strides) i32.
-        return {name: ptr.get(name) or floats.get(name)
-                or ("constexpr" if name in constexprs else "i32") for name in fn.arg_names}
-
-    kernels = dict(fwd=_attn_fwd_kernel, delta=_attn_bwd_delta_kernel,
-                   dkdv=_attn_bwd_dkdv_kernel, dq=_attn_bwd_dq_kernel)
-    configs, seen = [], set()
-    for label, hd, has_rope in (("generator-XL", 72, False), ("generator-H", 64, False),
-                                ("decoder", 64, True)):
-        # Rows are 16-byte aligned at every real shape (3*H*hd channels, hd = 64 or 72).
-        params = _launch_params(hd, torch.bfloat16, has_rope, True, gpu=True)
-        for kind, fn in kernels.items():
-            constexprs, opts = params[kind]
-            key = (kind, tuple(sorted(constexprs.items())), tuple(sorted(opts.items())))
-            if key in seen:
-                continue
-            seen.add(key)
-            configs.append(dict(name=f"attention_{kind}[{label}, hd={hd}]", fn=fn,
-                                signature=signature(fn, constexprs), constexprs=dict(constexprs),
-                                **opts))
-    return configs

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, check_float, round_to, signature
+from ._common import check_device, check_float, round_to
 
 _BLOCK, _NUM_WARPS = 1024, 4
 Scalar = Union[float, torch.Tensor]
@@ -131,7 +131,6 @@ def _validate(op: str, x, v, n_branches: int):
         raise ValueError(f"{op}: expected v of shape {want} = {what}, got {list(v.shape)}")
     if v.device != x.device:
         raise ValueError(f"{op}: expected v on {x.device}, got {v.device}")
-    check_device(x, v, op=op)
 
 
 def cfg_euler_step_(x: torch.Tensor, v: torch.Tensor, dt: Scalar, scale: Scalar) -> None:
@@ -139,6 +138,8 @@ def cfg_euler_step_(x: torch.Tensor, v: torch.Tensor, dt: Scalar, scale: Scalar)
     _validate("cfg_euler_step_", x, v, 2)
     dt_t, dt_f = _split_scalar("cfg_euler_step_", "dt", dt, x)
     scale_t, scale_f = _split_scalar("cfg_euler_step_", "scale", scale, x)
+    # Bad arguments (ValueError) are reported before a device the kernel cannot run on.
+    check_device(x, v, op="cfg_euler_step_")
     torch.ops.flowtok.cfg_euler_step_(x, v, dt_t, dt_f, scale_t, scale_f)
 
 
@@ -146,6 +147,7 @@ def euler_step_(x: torch.Tensor, v: torch.Tensor, dt: Scalar) -> None:
     """In place: ``x += dt * v`` (no guidance)."""
     _validate("euler_step_", x, v, 1)
     dt_t, dt_f = _split_scalar("euler_step_", "dt", dt, x)
+    check_device(x, v, op="euler_step_")
     torch.ops.flowtok.euler_step_(x, v, dt_t, dt_f)
 
 
@@ -162,26 +164,3 @@ def cfg_euler_step_ref(x: torch.Tensor, v: torch.Tensor, dt: Scalar, scale: Scal
 
 def euler_step_ref(x: torch.Tensor, v: torch.Tensor, dt: Scalar) -> torch.Tensor:
     return x.copy_(x.float() + dt * v.float())
-
-
-# --------------------------------------------------------------------------------------------
-# Launch configurations at real shapes, for the GPU compile/spill test
-# --------------------------------------------------------------------------------------------
-def gpu_compile_configs():
-    """The sampler step at x [B, 77, 16] fp32 with bf16 or fp32 velocities, dt and scale as
-    device tensors (CUDA-graph sampler) or as floats; with and without guidance."""
-    configs = []
-    for v_name, v_t in (("vbf16", "*bf16"), ("vfp32", "*fp32")):
-        for cfg in (True, False):
-            for from_ptr in (True, False):
-                types = {"X": "*fp32", "V": v_t, "DT": "*fp32", "dt_value": "fp32",
-                         "SCALE": "*fp32", "scale_value": "fp32", "n_elem": "i32"}
-                configs.append({
-                    "name": f"{'cfg_' if cfg else ''}euler_step_{v_name}_{'tensor' if from_ptr else 'float'}",
-                    "fn": _euler_step_kernel,
-                    "signature": signature(_euler_step_kernel, types),
-                    "constexprs": {"CFG": cfg, "DT_PTR": from_ptr, "SCALE_PTR": from_ptr and cfg,
-                                   "BLOCK": _BLOCK},
-                    "num_warps": _NUM_WARPS, "num_stages": 1,
-                })
-    return configs

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import PTR_TYPES as _TL
-from ._common import check_device, check_out_dtype, new_empty, round_to, signature
+from ._common import check_device, check_out_dtype, new_empty, round_to
 from ._common import check_float as _check_float  # fused_linear.py calls swiglu._check_float
 
 # Tiles: 4 rows x 512 features (2048 elements, 16 per thread with 4 warps).
@@ -279,47 +278,3 @@ def gelu_tanh_ref(x: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                   out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     out = F.gelu(x if bias is None else x + bias, approximate="tanh")
     return out if out_dtype is None else out.to(out_dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# Launch configurations at real shapes, for the GPU compile/spill test
-# --------------------------------------------------------------------------------------------
-def gpu_compile_configs():
-    """Launch configurations: SwiGLU (decoder h 2730, encoder h 2048; the tile does not depend
-    on h) and tanh-GELU (generator fc1, 4D features) in bf16, the GELU also with an fp32 bias
-    (autocast: fc1 runs without bias in bf16, the fp32 bias is fused here, bf16 output)."""
-    blocks = {"BLOCK_M": _BLOCK_M, "BLOCK_N": _BLOCK_N}
-    configs = []
-    for dt_name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        t = _TL[dt]
-        configs.append({
-            "name": f"swiglu_fwd_{dt_name}", "fn": _swiglu_fwd_kernel,
-            "signature": signature(_swiglu_fwd_kernel, {"X12": t, "OUT": t, "M": "i32", "H": "i32"}),
-            "constexprs": dict(blocks), "num_warps": _NUM_WARPS, "num_stages": 1,
-        })
-        configs.append({
-            "name": f"swiglu_bwd_{dt_name}", "fn": _swiglu_bwd_kernel,
-            "signature": signature(_swiglu_bwd_kernel,
-                                    {"GRAD": t, "X12": t, "DX12": t, "M": "i32", "H": "i32"}),
-            "constexprs": dict(blocks), "num_warps": _NUM_WARPS, "num_stages": 1,
-        })
-    bf16, f32 = _TL[torch.bfloat16], _TL[torch.float32]
-    # (x, bias, out) pointer types: autocast with fused fp32 bias, pure bf16, and no bias.
-    for name, x_t, b_t, o_t, has_bias in (("autocast_bias", bf16, f32, bf16, True),
-                                          ("bf16_bias", bf16, bf16, bf16, True),
-                                          ("bf16_nobias", bf16, bf16, bf16, False)):
-        configs.append({
-            "name": f"gelu_tanh_fwd_{name}", "fn": _gelu_fwd_kernel,
-            "signature": signature(_gelu_fwd_kernel, {"X": x_t, "BIAS": b_t, "OUT": o_t,
-                                                       "M": "i32", "NF": "i32"}),
-            "constexprs": {"HAS_BIAS": has_bias, **blocks}, "num_warps": _NUM_WARPS, "num_stages": 1,
-        })
-        configs.append({
-            "name": f"gelu_tanh_bwd_{name}", "fn": _gelu_bwd_kernel,
-            "signature": signature(_gelu_bwd_kernel, {"GRAD": o_t, "X": x_t, "BIAS": b_t, "DX": x_t,
-                                                       "DBIAS_PART": f32 if has_bias else x_t,
-                                                       "M": "i32", "NF": "i32"}),
-            "constexprs": {"HAS_BIAS": has_bias, "ROWS": _BIAS_ROWS, **blocks},
-            "num_warps": _NUM_WARPS, "num_stages": 1,
-        })
-    return configs

@@ -5,6 +5,9 @@ import os
 import pytest
 import torch
 
+from . import shapes
+from .utils import kernel_device, poisoned_outputs
+
 
 @pytest.fixture(autouse=True)
 def fresh_seed():
@@ -17,9 +20,19 @@ def fresh_seed():
 
 
 @pytest.fixture(autouse=True)
+def _poison_in_real_shape_mode():
+    """FLOWTOK_KERNEL_SHAPES=real: every output a kernel allocates starts as NaN in every test
+    (the correctness tests poison their kernel calls in any mode)."""
+    if not shapes.REAL:
+        yield
+        return
+    with poisoned_outputs():
+        yield
+
+
+@pytest.fixture(autouse=True)
 def _kernel_test_device():
-    on_gpu = os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.cuda.is_available()
-    if not on_gpu:
+    if kernel_device().type != "cuda":
         yield
         return
     torch.set_default_device("cuda")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flowtok_fast.kernels import flow_step as fs
+from .shapes import real
 from .utils import assert_within_ref_error, poisoned_outputs
 
 F32, BF16 = torch.float32, torch.bfloat16
@@ -26,8 +27,9 @@ def _exact_cfg(x, v, dt, s):
 
 @pytest.mark.parametrize("scale_tensor", [False, True], ids=["scale_float", "scale_tensor"])
 @pytest.mark.parametrize("dt_tensor", [False, True], ids=["dt_float", "dt_tensor"])
-@pytest.mark.parametrize("x_dtype,v_dtype,B", [(F32, F32, 3), (F32, BF16, 1), (BF16, BF16, 3)],
-                         ids=["fp32", "fp32_vbf16", "bf16"])
+@pytest.mark.parametrize("x_dtype,v_dtype,B", [(F32, F32, 3), (F32, BF16, 1), (BF16, BF16, 3)]
+                         + real([(F32, BF16, 64), (F32, F32, 64)]),
+                         ids=["fp32", "fp32_vbf16", "bf16"] + real(["fp32_vbf16_B64", "fp32_B64"]))
 def test_cfg_euler_step(x_dtype, v_dtype, B, dt_tensor, scale_tensor):
     dt_val, s_val = (1 - 1e-5) / 20, 2.0
     # dt as an fp64 tensor checks the in-kernel cast; scale as fp32.
@@ -126,8 +128,10 @@ def test_bad_inputs():
         fs.euler_step_(x, v, 0.1)
     with pytest.raises(ValueError, match=r"dt as a float or a 0-dim tensor, got shape \[2\]"):
         fs.cfg_euler_step_(x, v, torch.tensor([0.1, 0.2]), 2.0)
-    with pytest.raises(ValueError, match=r"scale on cpu \(no host sync\), got meta"):
-        fs.cfg_euler_step_(x, v, 0.1, torch.tensor(2.0, device="meta"))
+    # A scale tensor on another device than x (x is on the default device: CUDA on a GPU machine)
+    other = "meta" if x.device.type != "meta" else "cpu"
+    with pytest.raises(ValueError, match=rf"scale on {x.device} \(no host sync\), got {other}"):
+        fs.cfg_euler_step_(x, v, 0.1, torch.tensor(2.0, device=other))
     with pytest.raises(ValueError, match=r"scale of a floating dtype, got torch.int64"):
         fs.cfg_euler_step_(x, v, 0.1, torch.tensor(2))
     with pytest.raises(ValueError, match=r"dt as a float or a 0-dim tensor, got str"):
@@ -137,6 +141,7 @@ def test_bad_inputs():
 
 
 def test_cpu_without_interpreter_is_refused(monkeypatch):
+    # Explicitly on the CPU: on a GPU machine the kernel tests' default device is CUDA.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
-        fs.euler_step_(torch.zeros(1, 77, 16), torch.zeros(1, 77, 16), 0.1)
+    with pytest.raises(RuntimeError, match=r"needs CUDA tensors \(got cpu\)"):
+        fs.euler_step_(torch.zeros(1, 77, 16, device="cpu"), torch.zeros(1, 77, 16, device="cpu"), 0.1)

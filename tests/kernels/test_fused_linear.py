@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from flowtok_fast.kernels import fused_linear as fl
+from .shapes import real
 from .utils import assert_within_ref_error, poisoned_outputs, saved_bytes
 
 
@@ -40,7 +41,7 @@ def _check(op, ref, make_inputs, lin, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B,N,D", [(1, 77, 200), (3, 13, 1152)])
+@pytest.mark.parametrize("B,N,D", [(1, 77, 200), (3, 13, 1152)] + real([(16, 77, 1152), (16, 77, 1280)]))
 def test_modulated_linears(B, N, D, dtype):
     lin = nn.Linear(D, 48)
     mk = lambda: [torch.randn(B, N, D), torch.randn(B, D) * 0.5, torch.randn(B, D) * 0.5]  # noqa: E731

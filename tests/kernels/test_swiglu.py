@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from flowtok_fast.kernels import swiglu as sw
+from .shapes import real
 from .utils import assert_within_ref_error, poisoned_outputs
 
 F32, BF16 = torch.float32, torch.bfloat16
@@ -42,7 +43,8 @@ def _check_all(fn_kernel, fn_ref, inputs, leaf_names):
 # Decoder (h 2730, 410 tokens at 256 px), encoder (h 2048), and a tiny odd h; the big shapes
 # once per dtype to keep the interpreter run short.
 SWIGLU_CASES = [(BF16, (1, 410, 2730)), (F32, (1, 77, 2730)), (F32, (3, 77, 2048)),
-                (F32, (3, 5, 37)), (BF16, (3, 5, 37))]
+                (F32, (3, 5, 37)), (BF16, (3, 5, 37))] + real(
+    [(dt, shape) for dt in (BF16, F32) for shape in ((16, 410, 2730), (16, 410, 2048))])
 
 
 @pytest.mark.parametrize("dtype,shape", [
@@ -83,7 +85,9 @@ def _gelu_id(case):
 @pytest.mark.parametrize("case,shape", [pytest.param(c, (3, 77, 800), id=_gelu_id(c) + "-3x77x800")
                                         for c in GELU_CASES]
                          + [pytest.param(c, (1, 77, 4608), id=_gelu_id(c) + "-1x77x4608")
-                            for c in GELU_CASES[4:5]])
+                            for c in GELU_CASES[4:5]]
+                         + real([pytest.param(c, (64, 77, f), id=_gelu_id(c) + f"-64x77x{f}")
+                                 for c in GELU_CASES for f in (4608, 5120)]))
 def test_gelu_tanh(case, shape):
     x_dtype, b_dtype, out_dtype = case
     x = (3.0 * torch.randn(shape)).to(x_dtype)  # covers both tails of the tanh
@@ -162,6 +166,7 @@ def test_bad_inputs():
 
 
 def test_cpu_without_interpreter_is_refused(monkeypatch):
+    # Explicitly on the CPU: on a GPU machine the kernel tests' default device is CUDA.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
-        sw.swiglu(torch.randn(2, 8))
+    with pytest.raises(RuntimeError, match=r"needs CUDA tensors \(got cpu\)"):
+        sw.swiglu(torch.randn(2, 8, device="cpu"))

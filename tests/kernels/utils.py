@@ -1,9 +1,18 @@
 """Shared helpers for the kernel tests: the error-budget rule and output poisoning."""
 import contextlib
+import os
 
 import torch
 
 from flowtok_fast.kernels import _common
+
+
+def kernel_device() -> torch.device:
+    """Where the kernels run in this session: CUDA when they are compiled (TRITON_INTERPRET=0)
+    and a GPU is present, else the CPU, in Triton's interpreter."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
