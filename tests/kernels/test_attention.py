@@ -108,9 +108,10 @@ def test_forward(case, dtype):
     ref_same = attention_ref(qkv, cos, sin)
     assert_within_ref_error(out, ref_same, ref_exact, name=f"out (seed {seed})")
     # The logsumexp: fp32 arithmetic on the (rotated, rounded) dot operands; judged by the same
-    # rule against the fp64 value from the same rounded operands and the exact one.
+    # rule against the fp64 value from the same rounded operands and the exact one (atol: a
+    # GPU's approximate exp2 / log2 are good to ~2 ulp).
     assert_within_ref_error(lse, _lse_ref(qkv, cos, sin), _lse_ref(qkv.double(), cos, sin),
-                            atol=1e-6, name=f"lse (seed {seed})")
+                            atol=1e-5, name=f"lse (seed {seed})")
 
 
 def _grads(fn, qkv, dout, cos, sin):
@@ -191,7 +192,7 @@ def test_gpu_launch_parameters_bf16(case, monkeypatch):
     out_same, grad_same = _grads(attention_ref, qkv, dout, cos, sin)
     assert_within_ref_error(out, out_same, out_exact, name=f"out (seed {seed})")
     assert_within_ref_error(lse, _lse_ref(qkv, cos, sin), _lse_ref(qkv.double(), cos, sin),
-                            atol=1e-6, name=f"lse (seed {seed})")
+                            atol=1e-5, name=f"lse (seed {seed})")
     for i, name in enumerate("qkv"):
         assert_within_ref_error(grad[:, :, i], grad_same[:, :, i], grad_exact[:, :, i],
                                 name=f"d{name} (seed {seed})")
