@@ -124,15 +124,34 @@ def test_shards_round_trip(tmp_path, splits, writer, monkeypatch):
     assert back[0][0].to_json() == samples[0][0].to_json()
 
 
-def test_smoke_run_of_the_whole_chain(tmp_path):
+def _smoke(out, *extra) -> dict:
     from examples.shapes.run import DEFAULT_CONFIG, main
 
     threads = torch.get_num_threads()
     try:
-        assert main(["--config", str(DEFAULT_CONFIG.with_name("smoke.yaml")), "--out", str(tmp_path)]) == 0
+        assert main(["--config", str(DEFAULT_CONFIG.with_name("smoke.yaml")), "--out", str(out), *extra]) == 0
     finally:
         torch.set_num_threads(threads)
-    results = json.loads((tmp_path / "results.json").read_text())
+    return json.loads((out / "results.json").read_text())
+
+
+def test_smoke_run_of_the_whole_chain_twice_gives_the_same_digests(tmp_path, capsys):
+    results = _smoke(tmp_path)
+    # determinism that can be checked: a second run (another directory) gives the same digests
+    # of the results and of every stage's final weights
+    again = _smoke(tmp_path / "again")
+    digests = results["digests"]
+    assert set(digests) == {"results", "tokenizer", "latents", "text_autoencoder", "t2i", "i2t"}
+    assert again["digests"] == digests
+    printed = capsys.readouterr().out
+    assert all(value in printed for value in digests.values())  # the run prints them
+    # what was run, where, how loaded, how fast
+    assert results["provenance"]["command"].endswith(f"--out {tmp_path}")
+    assert results["provenance"]["commit"] is None or len(results["provenance"]["commit"]) == 40
+    assert results["machine"]["torch_threads"] == 1 and len(results["machine"]["load_at_start"]) == 3
+    assert {"tokenizer_train", "pretokenize", "text_autoencoder", "t2i_train", "t2i_sample", "i2t_train",
+            "i2t_caption"} == set(results["throughput"])
+    assert all(r["samples_per_s"] > 0 for r in results["throughput"].values())
     from PIL import Image
 
     grid = Image.open(tmp_path / "samples.png")
@@ -176,3 +195,64 @@ def test_cli_verb_runs_the_example(capsys):
     with pytest.raises(SystemExit) as exit_info:  # an unknown example is an argparse error (code 2)
         cli_main(["example", "mnist"])
     assert exit_info.value.code == 2
+
+
+def test_results_digest_ignores_time_and_place_but_not_a_metric():
+    from examples.shapes.record import results_digest
+
+    a = {"t2i": {"eval": {"new": {"colour_accuracy": 0.91}}, "samples_per_s_last": 230.0, "config": {"output_dir": "/a"}},
+         "timings": {"total_s": 1.0}, "machine": {"load_at_start": [0.5]}, "out": "/a"}
+    b = {"t2i": {"eval": {"new": {"colour_accuracy": 0.91}}, "samples_per_s_last": 120.0, "config": {"output_dir": "/b"}},
+         "timings": {"total_s": 2.0}, "machine": {"load_at_start": [3.0]}, "out": "/b"}
+    assert results_digest(a) == results_digest(b)
+    b["t2i"]["eval"]["new"]["colour_accuracy"] = 0.9100001
+    assert results_digest(a) != results_digest(b)
+
+
+@pytest.mark.parametrize("override, named", [
+    ("t2i.stesp=3", ["t2i.stesp", "'stesp'", "steps", "t_logit_loc"]),
+    ("i2t.cfg_probb=0.1", ["i2t.cfg_probb", "cfg_prob"]),
+    ("tokenizer.lrr=1e-3", ["tokenizer.lrr", "lr", "patch_size"]),
+    ("sample.promts=4", ["sample.promts", "prompts", "cfg_scale"]),
+    ("caption.imagse=4", ["caption.imagse", "images"]),
+    ("data.train_sise=10", ["data.train_sise", "train_size"]),
+    ("text_autoencoder.stpes=3", ["text_autoencoder.stpes", "steps"]),
+    ("sede=1", ["'sede'", "seed"]),
+    ("t2i.model=small", ["t2i.model", "set by the example"]),
+    ("sample.steps=0", ["sample.steps=0", "integer >= 1"]),
+    ("data.backgrounds=[pink]", ["data.backgrounds", "black, grey"]),
+    ("tokenizer.steps=abc", ["section 'tokenizer'", "tokenizer.steps=abc", "steps"]),
+    ("t2i.lr=-1", ["section 't2i'", "t2i.lr=-1", "lr"]),
+    ("i2t.global_batch=128", ["i2t.global_batch", "data.train_size=64"]),
+    ("t2isteps", ["t2isteps", "section.key=value"]),
+])
+def test_bad_overrides_fail_before_any_work(tmp_path, override, named):
+    """Each stage's config is checked before the first stage runs: a UserError naming the key and
+    what was expected (the known keys), and nothing written."""
+    from examples.shapes.run import DEFAULT_CONFIG, main
+    from flowtok_fast.errors import UserError
+
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as err:
+        main(["--config", str(DEFAULT_CONFIG.with_name("smoke.yaml")), "--out", str(out), override])
+    message = str(err.value)
+    assert "\n" not in message and all(n in message for n in named), message
+    assert not out.exists()
+
+
+def test_good_overrides_are_normalised():
+    from examples.shapes.config import load_config
+    from examples.shapes.run import DEFAULT_CONFIG
+
+    cfg = load_config(DEFAULT_CONFIG, ["text_autoencoder.lr=1e-3", "t2i.lr=1e-3", "sample.compare_cfg_scales=[2]"])
+    assert cfg["text_autoencoder"]["lr"] == 0.001 and cfg["sample"]["compare_cfg_scales"] == [2.0]
+
+
+def test_cli_bad_override_is_one_line_exit_2(capsys):
+    from flowtok_fast.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["example", "shapes", "--out", "/nonexistent/never", "t2i.stesp=3"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "t2i.stesp" in err and len(err.strip().splitlines()) == 1, err
