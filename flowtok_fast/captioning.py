@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from flowtok_fast import checkpoint as ckpt
 from flowtok_fast import flow, ops
@@ -21,51 +20,10 @@ from flowtok_fast.models.generator import FlowTokGenerator
 from flowtok_fast.models.text import TextDecoder, detokenize
 from flowtok_fast.models.tokenizer import FlowTiTok
 from flowtok_fast.pipeline import SamplingOptions, resolve_device
+from flowtok_fast.validate import check_image
 
 COMPONENTS = ("generator", "tokenizer", "text_decoder")
 BUILD_ORDER = ("tokenizer", "generator", "text_decoder")  # the order of build()'s modules
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's decompression-bomb threshold (~ 9459 x 9459)
-MAX_ASPECT = 8.0  # the centre crop keeps the middle square: beyond 8:1 it keeps under 1/8 of the image
-
-
-def check_image(path: str) -> tuple[int, int]:
-    """Reads the header only: (width, height), or a UserError saying why `path` cannot be captioned
-    (missing, empty, not an image, too many pixels, an aspect ratio beyond 8:1, corrupt data)."""
-    if not os.path.exists(path):
-        raise UserError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise UserError(f"{path}: is a directory, not an image file")
-    if os.path.getsize(path) == 0:
-        raise UserError(f"{path}: empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                w, h = im.size
-                _check_size(path, w, h)
-                im.verify()  # structure and checksums, without decoding every pixel
-    except UserError:
-        raise
-    except UnidentifiedImageError:
-        raise UserError(f"{path}: not an image file PIL can read (expected JPEG, PNG, WebP, BMP, ...)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UserError(f"{path}: more than {MAX_PIXELS:,} pixels (a decompression bomb?)") from None
-    except Exception as err:  # noqa: BLE001 - PIL raises many types for corrupt data
-        raise UserError(f"{path}: corrupt image data ({type(err).__name__}: {err})") from None
-    return w, h
-
-
-def _check_size(path: str, w: int, h: int) -> None:
-    if w < 1 or h < 1:
-        raise UserError(f"{path}: the image is {w} x {h} pixels: expected at least 1 x 1")
-    if w * h > MAX_PIXELS:
-        raise UserError(f"{path}: {w} x {h} = {w * h:,} pixels, more than the limit of {MAX_PIXELS:,} "
-                        "(a decompression bomb?)")
-    if max(w, h) / min(w, h) > MAX_ASPECT:
-        raise UserError(f"{path}: {w} x {h} pixels has aspect ratio {max(w, h) / min(w, h):.0f}:1, beyond "
-                        f"{MAX_ASPECT:.0f}:1 (the centre square crop would drop most of it)")
-
-
 def load_image(path: str, resolution: int) -> torch.Tensor:
     """A file -> [3, r, r] in [0, 1]: checked (check_image), short side resized to r, centre crop
     (as in training). Any failure is a UserError naming the file."""

@@ -153,13 +153,8 @@ def cmd_caption(args) -> int:
     """Every image is checked first; a bad one is reported and skipped, the others are captioned."""
     import json
 
-    import torch
-    from tqdm import tqdm
+    from flowtok_fast.validate import check_image
 
-    from flowtok_fast.captioning import FlowTokCaptioner, check_image, load_image
-
-    apply_threads(args.threads)
-    resolve_device(args.device)
     if not args.model_dir and not args.random_weights:
         raise UserError("pass --model-dir DIR (an image-to-text model: `flowtok-fast export-model` of a "
                         "direction=i2t training run, or the shapes example's i2t/model) or --random-weights")
@@ -176,9 +171,16 @@ def cmd_caption(args) -> int:
                 failed += 1
         return kept
 
-    good = [p for p, _ in usable(args.images, check_image)]
+    good = [p for p, _ in usable(args.images, check_image)]  # headers only, before torch is even imported
     if not good:
         return 2
+    import torch
+    from tqdm import tqdm
+
+    from flowtok_fast.captioning import FlowTokCaptioner, load_image
+
+    apply_threads(args.threads)
+    resolve_device(args.device)
     kw = dict(device=args.device, fused_kernels=args.fused_kernels)
     if args.model_dir:
         cap = FlowTokCaptioner.from_pretrained(args.model_dir, **kw)

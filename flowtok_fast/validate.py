@@ -7,6 +7,7 @@ import math
 import numbers
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 from flowtok_fast.errors import UserError
@@ -166,3 +167,49 @@ def save_image(image, path: str, fmt: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+# ---------------------------------------------------------------- input images (PIL only: checked before torch loads)
+
+MAX_PIXELS = 89_478_485  # PIL's decompression-bomb threshold (~ 9459 x 9459)
+MAX_ASPECT = 8.0  # the centre crop keeps the middle square: beyond 8:1 it keeps under 1/8 of the image
+
+
+def check_image(path: str) -> tuple[int, int]:
+    """Reads the header only: (width, height), or a UserError saying why `path` cannot be captioned
+    (missing, empty, not an image, too many pixels, an aspect ratio beyond 8:1, corrupt data)."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory, not an image file")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{path}: empty file (0 bytes)")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                _check_size(path, w, h)
+                im.verify()  # structure and checksums, without decoding every pixel
+    except UserError:
+        raise
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not an image file PIL can read (expected JPEG, PNG, WebP, BMP, ...)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(f"{path}: more than {MAX_PIXELS:,} pixels (a decompression bomb?)") from None
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for corrupt data
+        raise UserError(f"{path}: corrupt image data ({type(err).__name__}: {err})") from None
+    return w, h
+
+
+def _check_size(path: str, w: int, h: int) -> None:
+    if w < 1 or h < 1:
+        raise UserError(f"{path}: the image is {w} x {h} pixels: expected at least 1 x 1")
+    if w * h > MAX_PIXELS:
+        raise UserError(f"{path}: {w} x {h} = {w * h:,} pixels, more than the limit of {MAX_PIXELS:,} "
+                        "(a decompression bomb?)")
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        raise UserError(f"{path}: {w} x {h} pixels has aspect ratio {max(w, h) / min(w, h):.0f}:1, beyond "
+                        f"{MAX_ASPECT:.0f}:1 (the centre square crop would drop most of it)")

@@ -440,6 +440,8 @@ def test_passthrough_verbs_print_one_line(tmp_path, capsys):
         (["coco-karpathy", "--json", str(tmp_path / "x.json"), "--images", str(tmp_path), "--split", "train",
           "--out", str(tmp_path / "s")], "coco-karpathy", "does not exist"),
         (["train", str(tmp_path / "missing.yaml"), "--threads", "1"], "train", "missing.yaml"),
+        (["export-model", str(tmp_path / "no-run"), "--out", str(tmp_path / "m")], "export-model", "no-run"),
+        (["example", "shapes", "--config", str(tmp_path / "nope.yaml")], "example shapes", "nope.yaml"),
     ]
     (tmp_path / "bad.json").write_text("{")
     cases.append((["coco-karpathy", "--json", str(tmp_path / "bad.json"), "--images", str(tmp_path), "--split", "train",
