@@ -15,7 +15,7 @@ from pathlib import Path
 
 from flowtok_fast.cli_errors import OneLineParser, print_error, run, take_debug_flag
 from flowtok_fast.errors import UserError
-from flowtok_fast.validate import image_output_format, read_prompt_file, resolve_device, save_image
+from flowtok_fast.validate import check_image, check_output_dir, image_output_format, read_prompt_file, resolve_device, save_image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a model hub: weights come from local files
 
@@ -142,8 +142,7 @@ def cmd_generate(args) -> None:
 def cmd_convert(args) -> None:
     from flowtok_fast.pipeline import FlowTokPipeline
 
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UserError(f"--out {args.out} is a file: expected a directory (new or existing) for the model")
+    check_output_dir(args.out)  # before the (slow) conversion
     pipe = FlowTokPipeline.from_official(args.checkpoint, args.tokenizer, args.clip, device="cpu")
     pipe.save_pretrained(args.out)
     print(f"wrote {args.out} ({pipe.config.name}, {pipe.config.tokenizer.resolution} px)")
@@ -152,8 +151,6 @@ def cmd_convert(args) -> None:
 def cmd_caption(args) -> int:
     """Every image is checked first; a bad one is reported and skipped, the others are captioned."""
     import json
-
-    from flowtok_fast.validate import check_image
 
     if not args.model_dir and not args.random_weights:
         raise UserError("pass --model-dir DIR (an image-to-text model: `flowtok-fast export-model` of a "

@@ -139,19 +139,31 @@ def image_output_format(path: str, option: str = "--out") -> str:
     if fmt is None or fmt not in Image.SAVE:
         raise UserError(f"{option} {path}: unknown image extension {ext or '(none)'!r}: expected .png, .jpg, .webp, "
                         ".bmp or .tiff")
-    parent = p.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"{option} {path}: {parent} is a file, not a directory")
-    try:  # a real write, not os.access: root passes os.access on read-only file systems
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as err:
-        raise UserError(f"{option} {path}: cannot write in directory {parent} ({err.strerror})") from None
+    _check_writable_below(p.absolute().parent, path, option)
     if p.exists() and not os.access(p, os.W_OK):
         raise UserError(f"{option} {path}: the file exists and is not writable")
     return fmt
+
+
+def check_output_dir(path: str, option: str = "--out") -> None:
+    """A directory that exists or can be made, and can be written in."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{option} {path} is a file: expected a directory (new or existing)")
+    _check_writable_below(p.absolute(), path, option)
+
+
+def _check_writable_below(directory: Path, path: str, option: str) -> None:
+    """The nearest existing ancestor of `directory` is a directory we can create files in."""
+    while not directory.exists():
+        directory = directory.parent
+    if not directory.is_dir():
+        raise UserError(f"{option} {path}: {directory} is a file, not a directory")
+    try:  # a real write, not os.access: root passes os.access on read-only file systems
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise UserError(f"{option} {path}: cannot write in directory {directory} ({err.strerror})") from None
 
 
 def save_image(image, path: str, fmt: str) -> None:

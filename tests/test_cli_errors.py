@@ -229,6 +229,8 @@ def test_convert_errors(tmp_path, capsys):
     assert "weights_only" not in err
     code, _, err = run_cli([*base, "--checkpoint", str(evil), "--out", str(tmp_path / "out")], capsys)
     assert_one_line(code, err, "convert", "is a file")
+    code, _, err = run_cli([*base, "--checkpoint", str(evil), "--out", str(tmp_path / "out" / "model")], capsys)
+    assert_one_line(code, err, "convert", "is a file, not a directory")
 
 
 # ---------------------------------------------------------------- caption: each bad image reported, the rest captioned
