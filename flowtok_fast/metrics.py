@@ -46,7 +46,7 @@ def check_caption_sets(predictions, references) -> None:
         if isinstance(v, str):
             raise UserError(f"references[{k!r}] is a string: expected a list of reference captions, "
                             f"e.g. {{{k!r}: [{v[:30]!r}]}}")
-        if not isinstance(v, list) or not v or not all(isinstance(c, str) for c in v):
+        if not isinstance(v, (list, tuple)) or not v or not all(isinstance(c, str) for c in v):
             raise UserError(f"references[{k!r}] is {str(v)[:60]!r}: expected a non-empty list of caption strings")
     unmatched = sorted(map(str, set(predictions) ^ set(references)))
     if unmatched:
