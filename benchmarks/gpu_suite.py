@@ -1,219 +1,233 @@
-"""Everything that needs a GPU, in one command, for a lent H100 (torch 2.11 / triton 3.6
-preinstalled, no internet); about 8 minutes. Writes OUT/gpu_suite.json and OUT/gpu_suite.md.
+"""Everything that needs a GPU, in one command of at most 540 s, for a lent H200 (torch 2.11 /
+triton 3.6 preinstalled, no network); run it through scripts/gpu_suite.sh. Ordered by value:
 
-    python benchmarks/gpu_suite.py --out results/gpu_suite
-    python benchmarks/gpu_suite.py --dry-run     # print the plan, run nothing (works on CPU)
+  (a) CUDA kernel correctness: pytest tests/kernels, compiled kernels (TRITON_INTERPRET=0) at the
+      real shapes (FLOWTOK_KERNEL_SHAPES=real: fresh seeds, NaN-poisoned outputs);
+  (b) the CUDA-graph sampler against eager, and no host sync inside the loop (tests/perf);
+  (c) throughput of XL and H at 256 px, batch 64, 20 steps, CFG 2.0, bf16: eager, fused and
+      fused-graph first, then compiled-graph per model (the compile-heavy modes last), with the
+      per-stage split and MFU against the matmul and copy ceilings measured in the same run;
+  (d) one training step of XL and H at the planner's batch for this card (benchmarks/gpu_plan.json,
+      computed on a CPU by benchmarks/gpu_train_plan.py and carried), measured vs predicted peak;
+  (e) the kernel benchmark benchmarks/kernels.py --quick (GB/s vs the copy ceiling, attention
+      vs SDPA, the adaLN chain vs eager and torch.compile), one process per group of ops.
 
-Steps, each in a subprocess with its own time limit, skipped when the overall budget is spent:
- 1. kernel tests on CUDA: pytest tests/kernels with TRITON_INTERPRET=0 (tests/conftest.py only
-    sets it with setdefault, so the explicit 0 wins: kernels compile for the GPU);
- 2. the CUDA tests of the static sampler (one CUDA graph; reduce-overhead; no host sync);
- 3. end-to-end throughput of XL and H at 256 px, batch 64, bf16, 20 steps, CFG 2.0, every mode;
- 4. a training step of XL and H at the largest per-GPU batch the planner predicts to fit
-    (retried smaller on out-of-memory), with the planner's predicted peak memory beside the
-    measured one; for H also with the planner's recompute choice;
- 5. the per-op kernel benchmark benchmarks/kernels.py, if present.
+    python benchmarks/gpu_suite.py --dry-run      # the plan and its budgets (any machine)
+    python benchmarks/gpu_suite.py --out DIR      # on the GPU
+    python benchmarks/gpu_suite.py --rehearse     # the same plan on CPU: tiny shapes, short budgets
+
+Every step is a subprocess in its own process group, killed as a group at its time limit (so
+Inductor's compile workers die with it); a step may use the time earlier steps left unused,
+never beyond the suite's end. The parent imports nothing but the standard library. Records are
+JSON lines appended the moment each test, mode or case finishes: OUT/steps.jsonl (one per
+step), tests.jsonl, throughput.jsonl, train.jsonl, kernels.jsonl; then OUT/gpu_suite.md, the
+summary, is written and printed last.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
-import re
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import gpu_report  # noqa: E402  (standard library only)
+
 PY = sys.executable
-TARGETS = {"XL": 113.0, "H": 90.0}  # images/s at 256 px, batch 64, bf16, 20 steps, CFG 2.0 (issue 5)
-TRAIN_MFU_TARGET = 0.50
+SCRATCH = Path(tempfile.gettempdir()) / "flowtok_gpu_suite"  # caches: not in OUT, whose files travel back
+TOTAL_BUDGET = 540  # seconds: one device command is at most 600 s, the install takes the rest
+# benchmarks/kernels.py --ops, grouped so that a timeout loses at most one group (most valuable first)
+KERNEL_GROUPS = [
+    ["attention", "attention_rope"],
+    ["ln_modulate", "gated_residual", "gated_residual_ln_modulate", "swiglu", "gelu_tanh", "cfg_euler_step_"],
+    ["modulated_linear", "gated_residual_modulated_linear", "gelu_linear", "swiglu_linear"],
+]
 
 
-def cuda_env() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="0", HF_HUB_OFFLINE="1")
-    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / "results" / "inductor_cache"))
-    return env
+@dataclass
+class Step:
+    name: str
+    budget: float  # planned seconds
+    cmds: list  # argv lists, run in order (a kernel benchmark group each)
+    env: dict = field(default_factory=dict)
+    train: dict | None = None  # the planner's entry: a training step, retried smaller on out-of-memory
 
 
-def plan_steps(out: Path, models=("XL", "H"), repeats: int = 3) -> list[dict]:
+def plan_steps(out: Path, rehearse: bool, plan_file: Path) -> list[Step]:
+    """The ordered steps with their planned seconds (sum <= TOTAL_BUDGET)."""
+    tests = {"FLOWTOK_SUITE_RECORDS": str(out / "tests.jsonl")}
+    pytest = [PY, "-m", "pytest", "-q", "-p", "benchmarks.pytest_records", "-o", "cache_dir=" + str(SCRATCH / "pytest")]
+    tp = [PY, "benchmarks/throughput.py", "--results", str(out / "throughput.jsonl"), "--train-batch", "0"]
+    if rehearse:  # tiny shapes, the interpreter, short budgets; CUDA-only modes and tests skip with their reason
+        kernel_env = {"TRITON_INTERPRET": "1", "FLOWTOK_KERNEL_SHAPES": "ci"}
+        kernel_tests = ["tests/kernels/test_flow_step.py", "-k", "test_euler_step or formula"]
+        models, big = ["tiny"], ["tiny"]
+        tp += ["--batch", "1", "--steps", "2", "--repeats", "1", "--resolution", "256", "--ceiling-size", "256"]
+        groups, kb = [["cfg_euler_step_"]], ["--ops"]
+        budgets = dict(a=40, b=40, c1=40, c2=30, d=30, e=40)
+    else:
+        kernel_env = {"TRITON_INTERPRET": "0", "FLOWTOK_KERNEL_SHAPES": "real"}
+        kernel_tests = ["tests/kernels"]
+        models, big = ["XL", "H"], ["XL", "H"]
+        tp += ["--batch", "64", "--steps", "20", "--cfg", "2.0", "--resolution", "256", "--repeats", "3"]
+        groups, kb = KERNEL_GROUPS, ["--quick", "--ops"]
+        budgets = dict(a=90, b=40, c1=80, c2=80, d=35, e=60)
     steps = [
-        {"name": "kernel tests", "cmd": [PY, "-m", "pytest", "-q", "tests/kernels"], "timeout": 120},
-        {"name": "sampler CUDA tests", "cmd": [PY, "-m", "pytest", "-q", "tests/perf/test_fast_sampler.py", "-k", "cuda"],
-         "timeout": 90},
+        Step("(a) kernel tests", budgets["a"], [pytest + kernel_tests],
+             {**tests, **kernel_env, "FLOWTOK_SUITE_STEP": "kernel tests"}),
+        Step("(b) CUDA-graph sampler tests", budgets["b"],
+             [pytest + ["tests/perf/test_fast_sampler.py", "-k", "cuda or host_sync"]],
+             {**tests, "FLOWTOK_SUITE_STEP": "sampler tests"}),
+        Step(f"(c) throughput {'+'.join(models)}: eager, fused, fused-graph", budgets["c1"],
+             [tp + ["--model", *models, "--modes", "eager", "fused", "fused-graph"]]),
     ]
-    for m in models:
-        steps.append({"name": f"throughput {m}", "timeout": 180, "cmd": [
-            PY, "benchmarks/throughput.py", "--model", m, "--batch", "64", "--steps", "20", "--cfg", "2.0",
-            "--resolution", "256", "--repeats", str(repeats), "--train-batch", "0", "--results", str(out / "throughput.jsonl")]})
-    for m, policy in [(m, "none") for m in models] + [("H", None)] * ("H" in models):
-        steps.append({"name": f"train {m} {policy or 'planner choice'}", "model": m, "policy": policy, "timeout": 90,
-                      "train": True})
-    if (ROOT / "benchmarks" / "kernels.py").exists():  # last: the end-to-end numbers matter more
-        steps.append({"name": "kernel benchmark", "timeout": 60,
-                      "cmd": [PY, "benchmarks/kernels.py", "--quick", "--results", str(out / "kernels.jsonl")]})
+    for m in dict.fromkeys(big):
+        steps.append(Step(f"(c) throughput {m}: compiled-graph", budgets["c2"], [tp + ["--model", m, "--modes", "graph"]]))
+    entries = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
+    for m in dict.fromkeys(big):
+        entry = entries.get(m)
+        if entry is None:
+            steps.append(Step(f"(d) train {m}", budgets["d"], [],
+                              train={"missing": f"{plan_file} has no entry for {m}: run benchmarks/gpu_train_plan.py"}))
+            continue
+        entry = dict(entry, batch=min(entry["batch"], 2)) if rehearse else entry
+        steps.append(Step(f"(d) train {m}", budgets["d"] + 5 * (m == "H"), [], train=entry))
+    steps.append(Step("(e) kernel benchmark", budgets["e"],
+                      [[PY, "benchmarks/kernels.py", *kb, *g, "--results", str(out / "kernels.jsonl")] for g in groups]))
     return steps
 
 
-def run(cmd: list[str], timeout: float) -> dict:
+def train_cmd(entry: dict, batch: int, out: Path, rehearse: bool) -> list[str]:
+    return [PY, "benchmarks/throughput.py", "--train-only", "--train-model", entry["model"], "--train-batch", str(batch),
+            "--train-ops", entry["ops"], "--recompute", entry["policy"], "--repeats", "1" if rehearse else "3",
+            "--results", str(out / "train.jsonl"), *(["--ceiling-size", "256"] if rehearse else [])]
+
+
+# ------------------------------------------------------------------ running one command
+
+
+def run_group(cmd: list[str], env: dict, timeout: float) -> dict:
+    """Run `cmd` in a new process group, stream its output, kill the whole group at `timeout`."""
     t0 = time.time()
+    tail = collections.deque(maxlen=60)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         errors="replace", start_new_session=True)
+
+    def pump():
+        for line in p.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            tail.append(line)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    timed_out = False
     try:
-        p = subprocess.run(cmd, cwd=ROOT, env=cuda_env(), capture_output=True, text=True, timeout=timeout)
-        rc, text = p.returncode, p.stdout + p.stderr
-    except subprocess.TimeoutExpired as e:
-        def text_of(b):  # bytes or str depending on the Python version
-            return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
-
-        rc, text = "timeout", text_of(e.stdout) + text_of(e.stderr)
-    return {"cmd": " ".join(cmd), "rc": rc, "seconds": round(time.time() - t0, 1), "tail": text[-3000:]}
+        rc = p.wait(timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+        timed_out, rc = True, "timeout"
+    _kill_group(p)  # also after a normal exit: no compile worker outlives its step
+    reader.join(timeout=5)
+    return {"rc": rc, "timed_out": timed_out, "seconds": round(time.time() - t0, 1), "tail": "".join(tail)[-3000:]}
 
 
-# ------------------------------------------------------------------ training with the planner
-
-
-def _train_prediction(model: str, policy: str, total_gib: float) -> dict:
-    """The planner's single-GPU numbers: AdamW state (no EMA in the benchmark), measured
-    activations, one recomputed block; `max_batch` leaves 2 GiB for the context and transients."""
-    from flowtok_fast.perf import planner
-
-    cfg = planner.get_config(model)
-    params, block_params = planner._param_counts(cfg)
-    acts = planner.activation_model(cfg, "reference", policy)
-    base = planner.activation_model(cfg, "reference", "none")
-    working = 0.0 if policy == "none" else base["per_sample_per_block"]
-
-    def predicted(batch):
-        return planner.memory_per_gpu(params=params, block_params=block_params, batch=batch,
-                                      act_per_sample=acts["per_sample"], act_const=acts["const"],
-                                      working_per_sample=working, sharding="ddp", gpus=1, reserve_bytes=0, ema=False)
-
-    fixed = predicted(0)["total"]
-    per_sample = acts["per_sample"] + working
-    return {"predicted": predicted, "max_batch": planner.max_batch((total_gib - 2) * planner.GIB, fixed, per_sample)}
-
-
-def _planner_choice(total_gib: float) -> str:
-    from flowtok_fast.perf import planner
-
-    p = planner.plan("H", 8192, 8, total_gib, impls=("reference",), shardings=("fsdp2",))
-    return (p["choice"] or {"policy": "full"})["policy"]
-
-
-def train_step(step: dict, out: Path, total_gib: float, deadline: float) -> dict:
-    model = step["model"]
-    policy = step["policy"] or _planner_choice(total_gib)
-    pred = _train_prediction(model, policy, total_gib)
-    batch = max(8, pred["max_batch"] // 8 * 8)
-    result = {"model": model, "policy": policy, "planner_max_batch": pred["max_batch"], "attempts": []}
-    for _ in range(3):
-        if time.time() + 30 > deadline:
+def _kill_group(p: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(p.pid, sig)
+        except (ProcessLookupError, PermissionError):
             break
-        r = run([PY, "benchmarks/throughput.py", "--train-only", "--train-model", model, "--train-batch", str(batch),
-                 "--recompute", policy, "--repeats", "3", "--results", str(out / "train.jsonl")],
-                min(step["timeout"], deadline - time.time()))
-        r["batch"] = batch
-        result["attempts"].append(r)
-        if r["rc"] == 0:
-            rec = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()][-1]
-            predicted = pred["predicted"](batch)["total"] / 2**30
-            result.update(batch=batch, record=rec, predicted_peak_gib=predicted,
-                          prediction_error=(predicted - rec["peak_mem_gib"]) / rec["peak_mem_gib"])
-            return result
-        if "out of memory" not in r["tail"].lower():
-            break
-        batch = max(8, int(batch * 0.75) // 8 * 8)
-    return result
+        try:
+            p.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            pass
+        if sig == signal.SIGTERM:
+            time.sleep(0.2)  # let the group's other members go too
 
 
-# ------------------------------------------------------------------ report
+# ------------------------------------------------------------------ the suite
 
 
-def _counts(tail: str) -> str:
-    m = re.findall(r"(\d+ (?:passed|failed|skipped|error|errors|deselected))", tail)
-    return ", ".join(m) if m else "see log"
+def append(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
 
 
-def markdown(summary: dict) -> str:
-    env = summary["environment"]
-    lines = [f"# GPU suite: {env.get('device')}", "",
-             f"torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}, {env.get('time')}; "
-             f"ceiling measured per run (bf16 8192^3 matmul).", "", "## Steps", "",
-             "| step | result | seconds |", "|---|---|---|"]
-    for s in summary["steps"]:
-        res = s.get("rc")
-        lines.append(f"| {s['name']} | {'ok' if res == 0 else res} {_counts(s.get('tail', '')) if 'test' in s['name'] else ''} "
-                     f"| {s.get('seconds', '-')} |")
-    lines += ["", "## Throughput (256 px, batch 64, bf16, 20 steps, CFG 2.0)", "",
-              "| model | mode | img/s | spread | MFU | flow MFU | peak GiB | target |", "|---|---|---|---|---|---|---|---|"]
-    for r in summary["throughput"]:
-        tgt = TARGETS.get(r["model"])
-        lines.append(f"| {r['model']} | {r['mode']} | {r['images_per_s']:.1f} | {r['batch'] / r['seconds_max']:.1f}-"
-                     f"{r['batch'] / r['seconds_min']:.1f} | {100 * r['mfu']:.1f}% | {100 * r['flow_mfu']:.1f}% | "
-                     f"{r['peak_mem_gib']:.1f} | {'>= %g: %s' % (tgt, 'met' if r['images_per_s'] >= tgt else 'not met') if tgt else ''} |")
-    lines += ["", "## Training step (one GPU, AdamW, bf16 autocast)", "",
-              "| model | recompute | batch | samples/s | MFU | peak GiB measured | planner predicted | error |",
-              "|---|---|---|---|---|---|---|---|"]
-    for t in summary["train"]:
-        if "record" not in t:
-            lines.append(f"| {t['model']} | {t['policy']} | - | failed or skipped | | | | |")
-            continue
-        r = t["record"]
-        lines.append(f"| {t['model']} | {t['policy']} | {t['batch']} | {r['samples_per_s']:.1f} | {100 * r['mfu']:.1f}% "
-                     f"(target {100 * TRAIN_MFU_TARGET:.0f}%) | {r['peak_mem_gib']:.1f} | {t['predicted_peak_gib']:.1f} | "
-                     f"{100 * t['prediction_error']:+.1f}% |")
-    return "\n".join(lines) + "\n"
+def run_step(step: Step, out: Path, env: dict, deadline: float, rehearse: bool) -> dict:
+    """Run one step until its commands end or `deadline`; the step's record."""
+    runs = []
+    if step.train is not None:
+        if "missing" in step.train:
+            return {"rc": "skipped", "reason": step.train["missing"], "runs": runs}
+        batch = step.train["batch"]
+        for _ in range(3):  # out of memory: 3/4 of the batch, twice
+            r = run_group(train_cmd(step.train, batch, out, rehearse), env, deadline - time.time())
+            runs.append({**r, "batch": batch})
+            if r["rc"] == 0 or r["timed_out"] or "out of memory" not in r["tail"].lower() or time.time() + 10 > deadline:
+                break
+            batch = max(8, int(batch * 0.75) // 8 * 8)
+            append(out / "train.jsonl", {"benchmark": "train_oom", "model": step.train["model"], "batch": runs[-1]["batch"]})
+    else:
+        for cmd in step.cmds:
+            if time.time() + 5 > deadline:
+                runs.append({"rc": "skipped", "reason": "no time left in this step", "cmd": " ".join(cmd[1:])})
+                continue
+            runs.append({**run_group(cmd, env, deadline - time.time()), "cmd": " ".join(cmd[1:])})
+    failed = [r for r in runs if r["rc"] not in (0, "skipped")]
+    return {"rc": failed[0]["rc"] if failed else (0 if runs else "skipped"), "runs": runs}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="results/gpu_suite", help="output folder")
-    ap.add_argument("--budget", type=float, default=480, help="seconds for the whole suite")
-    ap.add_argument("--models", nargs="+", default=["XL", "H"])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dry-run", action="store_true", help="print the steps and exit")
+    ap.add_argument("--out", default=os.environ.get("OUT") or "results/gpu_suite", help="output folder")
+    ap.add_argument("--plan-file", default=str(ROOT / "benchmarks" / "gpu_plan.json"),
+                    help="the training plan carried from a CPU (benchmarks/gpu_train_plan.py)")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and its budgets, run nothing")
+    ap.add_argument("--rehearse", action="store_true", help="the same plan on CPU: tiny shapes, short budgets")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
-    steps = plan_steps(out, tuple(args.models), args.repeats)
+    steps = plan_steps(out, args.rehearse, Path(args.plan_file))
+    total = sum(s.budget for s in steps)
     if args.dry_run:
         for s in steps:
-            what = " ".join(s["cmd"]) if "cmd" in s else f"training step {s['model']} (recompute {s['policy'] or 'planner choice'})"
-            print(f"[{s['timeout']:>4}s] {s['name']}: {what}")
-        print(f"env: TRITON_INTERPRET=0; outputs: {out}/gpu_suite.json, {out}/gpu_suite.md")
-        return 0
-
-    import torch
-
-    if not torch.cuda.is_available():
-        print("gpu_suite needs a CUDA GPU (use --dry-run to see the plan)", file=sys.stderr)
-        return 2
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import throughput
-
+            what = "; ".join(" ".join(c[1:]) for c in s.cmds) if s.cmds else (
+                f"benchmarks/throughput.py --train-only at {s.train.get('batch')} ({s.train.get('ops')} ops, recompute "
+                f"{s.train.get('policy')})" if "missing" not in s.train else s.train["missing"])
+            print(f"[{s.budget:>4.0f} s] {s.name}: {what}")
+        print(f"total planned: {total:.0f} s (limit {TOTAL_BUDGET} s); kernels compiled (TRITON_INTERPRET=0) unless "
+              f"--rehearse; outputs in {out}: steps.jsonl tests.jsonl throughput.jsonl train.jsonl kernels.jsonl gpu_suite.md")
+        return 0 if total <= TOTAL_BUDGET else 1
     out.mkdir(parents=True, exist_ok=True)
-    deadline = time.time() + args.budget
-    dev = torch.device("cuda")
-    total_gib = torch.cuda.get_device_properties(dev).total_memory / 2**30
-    summary = {"environment": throughput.environment(dev), "total_mem_gib": total_gib, "steps": [], "train": []}
+    # compiled kernels on the GPU (tests/conftest.py only defaults TRITON_INTERPRET to 1), the
+    # interpreter in the rehearsal
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TRITON_INTERPRET="1" if args.rehearse else "0",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(SCRATCH / "inductor"))
+    start = time.time()
+    planned_end = start
     for s in steps:
-        if time.time() + 20 > deadline:
-            summary["steps"].append({"name": s["name"], "rc": "skipped: time budget"})
-            continue
-        print(f"== {s['name']}", file=sys.stderr, flush=True)
-        if s.get("train"):
-            t = train_step(s, out, total_gib, deadline)
-            summary["train"].append(t)
-            last = t["attempts"][-1] if t["attempts"] else {"rc": "skipped: time budget"}
-            summary["steps"].append({"name": s["name"], **last})
-        else:
-            summary["steps"].append({"name": s["name"], **run(s["cmd"], min(s["timeout"], deadline - time.time()))})
-    tp = out / "throughput.jsonl"
-    summary["throughput"] = [json.loads(x) for x in tp.read_text().splitlines()] if tp.exists() else []
-    kp = out / "kernels.jsonl"
-    summary["kernels"] = [json.loads(x) for x in kp.read_text().splitlines()] if kp.exists() else []
-    (out / "gpu_suite.json").write_text(json.dumps(summary, indent=1, default=str))
-    (out / "gpu_suite.md").write_text(markdown(summary))
-    print(markdown(summary))
+        planned_end += s.budget  # time a step leaves unused goes to the next ones
+        print(f"\n== {s.name} (planned {s.budget:.0f} s, may use {planned_end - time.time():.0f} s)", flush=True)
+        t0 = time.time()
+        r = run_step(s, out, {**env, **s.env}, planned_end, args.rehearse)
+        record = {"benchmark": "step", "step": s.name, "budget_s": s.budget, "seconds": round(time.time() - t0, 1),
+                  "elapsed_s": round(time.time() - start, 1), **r}
+        append(out / "steps.jsonl", record)
+    plan_file = Path(args.plan_file)
+    plan = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
+    md = gpu_report.markdown(out, total, rehearse=args.rehearse, plan=plan)
+    (out / "gpu_suite.md").write_text(md)
+    print("\n" + md)
     return 0
 
 
