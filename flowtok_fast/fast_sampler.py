@@ -26,6 +26,7 @@ from torch.func import functional_call
 
 from flowtok_fast import flow
 from flowtok_fast.configs import NUM_TOKENS, TOKEN_CHANNELS
+from flowtok_fast.errors import UserError
 
 MODES = ("eager", "compile", "graph", "reduce-overhead")
 CUDA_ONLY = ("graph", "reduce-overhead")
@@ -50,10 +51,10 @@ class FastSampler:
                  grid: str = "reference", mode: str = "compile", dtype: torch.dtype | None = None,
                  compile: bool = True):
         if mode not in MODES:
-            raise ValueError(f"unknown sampler mode '{mode}': expected one of {MODES}")
+            raise UserError(f"unknown sampler mode '{mode}': expected one of {MODES}")
         device = next(generator.parameters()).device
         if mode in CUDA_ONLY and device.type != "cuda":
-            raise ValueError(f"sampler mode '{mode}' needs a CUDA device (CUDA graphs); the generator is on {device}")
+            raise UserError(f"sampler mode '{mode}' needs a CUDA device (CUDA graphs); the generator is on {device}")
         self.generator, self.batch, self.steps, self.mode, self.device = generator, batch, steps, mode, device
         self.dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         self.guided = cfg_scale != 1.0
@@ -127,7 +128,7 @@ class FastSampler:
     @torch.no_grad()
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
         if tuple(x0.shape) != tuple(self.x.shape):
-            raise ValueError(f"this sampler was built for x0 of shape {tuple(self.x.shape)}, got {tuple(x0.shape)}")
+            raise UserError(f"this sampler was built for x0 of shape {tuple(self.x.shape)}, got {tuple(x0.shape)}")
         self.x.copy_(x0)
         if self.graph is not None:
             self.graph.replay()

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowtok_fast.errors import UserError
+
 IMPLS = ("reference", "triton")
 
 
@@ -177,7 +179,7 @@ _CACHE: dict[str, Ops] = {}
 
 def get_ops(impl: str = "reference") -> Ops:
     if impl not in IMPLS:
-        raise ValueError(f"unknown ops implementation '{impl}': expected one of {IMPLS}")
+        raise UserError(f"unknown ops implementation '{impl}': expected one of {IMPLS}")
     if impl not in _CACHE:
         _CACHE[impl] = _build(impl)
     return _CACHE[impl]

@@ -104,7 +104,7 @@ def apply_recompute(generator, policy: str) -> None:
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
     if policy not in POLICIES:
-        raise ValueError(f"unknown recompute policy '{policy}': expected one of {list(POLICIES)}")
+        raise UserError(f"unknown recompute policy '{policy}': expected one of {list(POLICIES)}")
     selective = {}
     if POLICIES[policy]:
         selective["context_fn"] = functools.partial(create_selective_checkpoint_contexts,
@@ -267,7 +267,7 @@ def activation_model(model: str | FlowTokConfig, impl: str, policy: str, batches
 def state_bytes(params: int, sharding: str, gpus: int, ema: bool = True) -> dict[str, float]:
     """fp32 training state per GPU: whole under DDP, 1/gpus of it under FSDP2."""
     if sharding not in SHARDINGS:
-        raise ValueError(f"unknown sharding '{sharding}': expected one of {SHARDINGS}")
+        raise UserError(f"unknown sharding '{sharding}': expected one of {SHARDINGS}")
     share = 1 / gpus if sharding == "fsdp2" else 1.0
     return {k: params * b * share for k, b in STATE_BYTES.items() if ema or k != "ema"}
 
