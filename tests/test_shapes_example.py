@@ -256,3 +256,20 @@ def test_cli_bad_override_is_one_line_exit_2(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "t2i.stesp" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_caption_explained_variance():
+    from examples.shapes.evaluate import latent_statistics
+    from flowtok_fast.models.latent_norm import LatentNorm
+
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    caps = ["a red circle above a blue square", "a blue square below a red circle", "a green triangle"]
+    label = torch.randint(3, (n,), generator=g)
+    means = torch.where(label == 2, -1.0, 1.0)[:, None, None, None] + 0.5 * torch.randn(n, 16, 1, 77, generator=g)
+    moments = torch.cat([means, torch.full_like(means, -2.0)], dim=1)
+    stats = latent_statistics(moments, [caps[i] for i in label], LatentNorm())
+    # a caption and its mirror are one scene: two groups at +-1 (share ~1/3 and 2/3), noise variance 0.25
+    signal = 4 * (1 / 3) * (2 / 3)
+    assert stats["captions"] == 2 and abs(stats["caption_explained_variance"] - signal / (signal + 0.25)) < 0.01
+    assert abs(stats["posterior_noise_std"] - float(torch.exp(torch.tensor(-1.0)))) < 1e-6

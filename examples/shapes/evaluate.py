@@ -203,3 +203,31 @@ def evaluate_captions(captions: list[str], references: list[str]) -> tuple[dict,
 
 
 __all__ = ["detect", "classify_shape", "score_image", "evaluate_images", "score_caption", "evaluate_captions", "SHAPES"]
+
+
+def latent_statistics(moments, captions: list[str], norm) -> dict:
+    """How the tokenizer's latents spread, over the training images' posterior moments [N, 32, 1, 77]:
+    the raw means' std overall and across images (per element, averaged) and the posterior noise's
+    std; and `caption_explained_variance`, the share of the flow-space latents' variance across
+    images (each element standardised by `norm`, the fitted LatentNorm) that the caption accounts
+    for: 1 - within-caption sum of squares / total sum of squares, a caption and its mirror
+    ("A above B", "B below A") counted as one."""
+    import torch
+
+    from examples.shapes.data import canonical_caption
+
+    mean, logvar = moments.double().chunk(2, dim=1)
+    x = norm.to_flow(mean).double().flatten(1)  # [N, 77 * 16]
+    groups = {}
+    for i, cap in enumerate(captions):
+        groups.setdefault(canonical_caption(cap), []).append(i)
+    label = torch.empty(len(captions), dtype=torch.long)
+    for g, idx in enumerate(groups.values()):
+        label[idx] = g
+    centroids = torch.zeros(len(groups), x.shape[1], dtype=x.dtype).index_add_(0, label, x)
+    centroids /= torch.bincount(label, minlength=len(groups)).to(x.dtype)[:, None]
+    within = (x - centroids[label]).square().sum()
+    total = (x - x.mean(0)).square().sum()
+    return {"raw_std_overall": float(mean.std()), "raw_std_across_images": float(mean.std(0).mean()),
+            "posterior_noise_std": float(torch.exp(0.5 * logvar.clamp(-30.0, 20.0)).mean()),
+            "caption_explained_variance": float(1 - within / total), "captions": len(groups)}

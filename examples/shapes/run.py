@@ -135,7 +135,9 @@ def train_tokenizer(cfg: dict, out: Path, sets, clip, results: dict, speed: R.Th
     first, last = history[0] if history else {}, history[-1] if history else {}
     results["tokenizer"] = {"steps": trainer.step, "export": str(export),
                             "loss_first": first.get("loss"), "loss_last": last.get("loss"),
-                            "l2_last": last.get("l2"), "config": tcfg.to_dict()}
+                            "l2_last": last.get("l2"), "config": tcfg.to_dict(),
+                            "latents": E.latent_statistics(moments, train_ds.captions, tok.latent_norm)}
+    log.info(f"tokenizer latents: {json.dumps(R.rounded(results['tokenizer']['latents']))}")
     return tok, train_ds, moments
 
 
