@@ -273,3 +273,20 @@ def test_caption_explained_variance():
     signal = 4 * (1 / 3) * (2 / 3)
     assert stats["captions"] == 2 and abs(stats["caption_explained_variance"] - signal / (signal + 0.25)) < 0.01
     assert abs(stats["posterior_noise_std"] - float(torch.exp(torch.tensor(-1.0)))) < 1e-6
+
+
+def test_compare_names_the_first_stage_that_differs(tmp_path, capsys):
+    from examples.shapes.compare import main as compare_main
+    from flowtok_fast.errors import UserError
+
+    digests = {"results": "r", "tokenizer": "t", "latents": "l", "text_autoencoder": "a", "t2i": "g", "i2t": "c"}
+    for name, changed in (("a", {}), ("b", {}), ("c", {"t2i": "x", "results": "y"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"digests": {**digests, **changed}}))
+    assert compare_main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "all digests agree" in capsys.readouterr().out
+    assert compare_main([str(tmp_path / "a"), str(tmp_path / "c")]) == 1
+    assert "first difference: t2i" in capsys.readouterr().out
+    (tmp_path / "d").mkdir()
+    with pytest.raises(UserError, match="results.json"):
+        compare_main([str(tmp_path / "a"), str(tmp_path / "d")])
