@@ -466,6 +466,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS), help="ops to run (default: all)")
     p.add_argument("--quick", action="store_true", help="one real shape per op (GPU); CPU mode is always small")
     p.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--impls", nargs="+", metavar="IMPL",
+                   help="time only these implementations (eager, compiled, triton, triton-interp, sdpa-flash, "
+                        "sdpa, flash-attn, xformers); default: every one that can run")
     p.add_argument("--jsonl", "--results", dest="jsonl", default="results/kernels.jsonl",
                    help="JSON lines file; each case's records are appended as soon as it finishes")
     args = p.parse_args(argv)
@@ -499,7 +502,7 @@ def main(argv=None) -> list[dict]:
             for shape in op.shapes(scale, mode):
                 print(f"  {name} {mode} {shape_str(shape)} ...", file=sys.stderr, flush=True)
                 t0 = time.perf_counter()
-                case = run_case(op, shape, mode, dtype, device, ceiling)
+                case = run_case(op, shape, mode, dtype, device, ceiling, impls=args.impls)
                 case = [{**r, **extra, "case_s": round(time.perf_counter() - t0, 2)} for r in case]
                 append_jsonl(args.jsonl, case)
                 records += case
