@@ -217,6 +217,9 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600: a model directory is readable as any file the user writes
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from flowtok_fast.cli_errors import OneLineParser
 from flowtok_fast import checkpoint as ckpt
 from flowtok_fast.errors import UserError
 from flowtok_fast.models.generator import FlowTokGenerator
@@ -239,7 +240,7 @@ def export_model(checkpoint: str | Path, out: str | Path, use_ema: bool = False,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="flowtok-fast export-model",
         description="Turn a training checkpoint (text-to-image or image-to-text) into a model directory for "
                     "`generate --model-dir` / `caption --model-dir`.",

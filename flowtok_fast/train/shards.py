@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flowtok_fast.cli_errors import OneLineParser
 from flowtok_fast.configs import NUM_TOKENS, TOKEN_CHANNELS
 from flowtok_fast.train.transforms import IMAGE_EXTS, decode_rgb
 
@@ -372,7 +373,7 @@ class ShardTable:
 def main(argv: list[str] | None = None) -> int:
     """`flowtok-fast index-shards SHARDS` (= python -m flowtok_fast.train.webdata): write a
     (validated) index beside each shard."""
-    p = argparse.ArgumentParser(prog="flowtok-fast index-shards",
+    p = OneLineParser(prog="flowtok-fast index-shards",
                                 description="Write DALI-compatible .idx files listing each shard's usable samples.")
     p.add_argument("shards", nargs="+", help="directories, globs or brace patterns of .tar shards")
     p.add_argument("--kind", choices=KINDS, default="pixels")

@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from flowtok_fast.cli_errors import OneLineParser
 from flowtok_fast import checkpoint as ckpt
 from flowtok_fast import ops
 from flowtok_fast.configs import TOKEN_CHANNELS, TokenizerConfig
@@ -365,12 +366,17 @@ def load_exported(directory: str | Path, with_encoder: bool = True) -> FlowTiTok
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flowtok-fast train-tokenizer",
-                                     description="Train the FlowTiTok image tokenizer (torchrun + parallelism=ddp for several processes).")
+    parser = OneLineParser(prog="flowtok-fast train-tokenizer",
+                           description="Train the FlowTiTok image tokenizer (torchrun + parallelism=ddp for several processes).")
     parser.add_argument("config", nargs="?", help="YAML config (TokenizerTrainConfig keys); omitted = defaults")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.add_argument("--export", metavar="DIR", help="after training, write the EMA tokenizer here (default OUTPUT_DIR/export)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads {args.threads}: expected an integer >= 1")
+        torch.set_num_threads(args.threads)
     config = args.config
     overrides = list(args.overrides)
     if config is not None and "=" in config and not Path(config).is_file():

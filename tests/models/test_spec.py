@@ -1,4 +1,5 @@
-"""Parameter counts, key names and shapes against ../shared/spec/REFERENCE.md."""
+"""Parameter counts, key names and shapes of the original implementation (its state-dict keys and
+shapes, which the published checkpoints must load into strictly)."""
 import pytest
 import torch
 
