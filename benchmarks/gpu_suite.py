@@ -99,7 +99,8 @@ def plan_steps(out: Path, rehearse: bool, plan_file: Path) -> list[Step]:
             steps.append(Step(f"(d) train {m}", budgets["d"], [],
                               train={"missing": f"{plan_file} has no entry for {m}: run benchmarks/gpu_train_plan.py"}))
             continue
-        entry = dict(entry, batch=min(entry["batch"], 2)) if rehearse else entry
+        if rehearse:  # tiny batch, reference ops: the Triton kernels on CPU would run in the interpreter
+            entry = dict(entry, batch=min(entry["batch"], 2), ops="reference")
         steps.append(Step(f"(d) train {m}", budgets["d"] + 5 * (m == "H"), [], train=entry))
     steps.append(Step("(e) kernel benchmark", budgets["e"],
                       [[PY, "benchmarks/kernels.py", *kb, *g, "--results", str(out / "kernels.jsonl")] for g in groups]))

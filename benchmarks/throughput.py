@@ -227,14 +227,19 @@ def run_mode(pipe: FlowTokPipeline, mode: str, batch: int, steps: int, cfg: floa
 
 def bench_inference(model: str, modes: list[str], batch: int, steps: int, cfg: float, resolution: int, repeats: int,
                     device: str | None, ceiling: dict, env: dict) -> list[dict]:
+    records = []
     config = get_config(model, resolution)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if all(skip_reason(m, dev) for m in modes):  # nothing to measure: no model to build
+        for mode in modes:
+            records.append({"benchmark": "skipped", "model": config.name, "mode": mode, "reason": skip_reason(mode, dev)})
+            save(records[-1])
+        return records
     torch.manual_seed(0)
     with dev:  # random weights made on the device: a 1B-parameter init on the host takes a while
         parts = FlowTokPipeline.build(config)
     pipe = FlowTokPipeline(config, *parts, device=dev)
     e2e = flops.end_to_end(config, steps, cfg)
-    records = []
     for mode in modes:
         reason = skip_reason(mode, pipe.device)
         if reason:
