@@ -290,3 +290,19 @@ def test_compare_names_the_first_stage_that_differs(tmp_path, capsys):
     (tmp_path / "d").mkdir()
     with pytest.raises(UserError, match="results.json"):
         compare_main([str(tmp_path / "a"), str(tmp_path / "d")])
+
+
+def test_a_direction_that_does_not_run_needs_no_section(tmp_path):
+    import yaml
+
+    from examples.shapes.config import load_config
+    from examples.shapes.run import DEFAULT_CONFIG
+    from flowtok_fast.errors import UserError
+
+    cfg = yaml.safe_load(DEFAULT_CONFIG.with_name("smoke.yaml").read_text())
+    del cfg["i2t"], cfg["caption"]
+    path = tmp_path / "t2i_only.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert "i2t" not in load_config(path, [], ["t2i"])
+    with pytest.raises(UserError, match="section '(caption|i2t)' is missing"):
+        load_config(path, [])  # both directions: the i2t stage would need it

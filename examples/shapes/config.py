@@ -91,8 +91,9 @@ FORCED = {"tokenizer": ("model", "resolution", "output_dir", "seed"),
           "i2t": ("model", "direction", "data_kind", "output_dir", "seed", "tokenizer_weights", "text_decoder")}
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
-    """YAML, then `section.key=value` overrides (values parsed as YAML), then `validate`."""
+def load_config(path: str | Path, overrides: list[str] = (), directions: list[str] | None = None) -> dict:
+    """YAML, then `section.key=value` overrides (values parsed as YAML), then `validate` for the
+    directions to run (default: the config's)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config {path}: file not found (expected a YAML file like examples/shapes/configs/default.yaml)")
@@ -119,11 +120,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
         except yaml.YAMLError as err:
             raise UserError(f"override '{item}': the value is not valid YAML ({' '.join(str(err).split())})") from None
         given[key] = item
-    validate(cfg, path, given)
+    validate(cfg, path, given, directions)
     return cfg
 
 
-def validate(cfg: dict, path="config", given: dict[str, str] | None = None) -> None:
+# the sections each direction's stages read (data, tokenizer and text autoencoder run for both)
+NEEDED = {"t2i": ("t2i", "sample"), "i2t": ("i2t", "caption")}
+
+
+def validate(cfg: dict, path="config", given: dict[str, str] | None = None, directions: list[str] | None = None) -> None:
     """Every stage's keys and values, before any runs; normalises the example's own values in place
     (e.g. '1e-3' -> 0.001). A UserError names the key, where it came from (the override as typed,
     or the config file) and the known keys or the expected value."""
@@ -148,11 +153,15 @@ def validate(cfg: dict, path="config", given: dict[str, str] | None = None) -> N
     for key in ("seed", "resolution"):
         if key not in cfg:
             raise UserError(f"config {path}: no '{key}' (expected {TOP_LEVEL[key][0]})")
+    directions = directions or cfg.get("directions") or ["t2i", "i2t"]
+    optional = {s for d, sections in NEEDED.items() if d not in directions for s in sections}
     for section in [*SECTIONS, *TRAINER_SECTIONS]:
         values = cfg.get(section)
+        if values is None and section in optional:
+            continue  # a direction that does not run; a section given for it is still checked
         if not isinstance(values, dict):
-            raise UserError(f"{where(section)}: section '{section}' is {'missing' if values is None else repr(values)}, "
-                            "expected a mapping of keys")
+            found = "missing" if values is None else f"{values!r}"
+            raise UserError(f"{where(section)}: section '{section}' is {found}, expected a mapping of keys")
         if section in SECTIONS:
             spec = SECTIONS[section]
             for key in values:

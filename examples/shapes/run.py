@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. t2i.steps=100 tokenizer.lr=2e-3")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)  # every stage's keys and values, before any work
+    cfg = load_config(args.config, args.overrides, args.directions)  # every stage's keys and values, before any work
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads {args.threads}: expected an integer >= 1")
     directions = args.directions or cfg.get("directions", ["t2i", "i2t"])
