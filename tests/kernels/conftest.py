@@ -1,5 +1,7 @@
 # The kernel tests build their tensors on the default device. On a GPU machine, run them with
 # TRITON_INTERPRET=0 and they exercise the compiled kernels on CUDA; on CPU the interpreter.
+# FLOWTOK_KERNEL_SHAPES=real adds the real model shapes (tests/kernels/shapes.py):
+#   TRITON_INTERPRET=0 FLOWTOK_KERNEL_SHAPES=real python -m pytest tests/kernels
 import os
 
 import pytest
