@@ -28,6 +28,7 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=500, help="images per shard (the unit of resuming)")
     p.add_argument("--no-spice", action="store_true", help="skip SPICE (slow; needs Stanford CoreNLP files)")
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (a Java process; slow to start)")
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
 
@@ -104,7 +105,7 @@ def run_i2t(args) -> int:
             with open(os.path.join(folder, s.name("png") + ".json"), encoding="utf-8") as f:
                 predictions.update(json.load(f))
         references = {it["id"]: it["references"] for it in items}
-        metrics = caption_metrics(predictions, references, spice=not args.no_spice)
+        metrics = caption_metrics(predictions, references, spice=not args.no_spice, meteor=not args.no_meteor)
         write_atomic(os.path.join(out, "captions.json"), json.dumps(predictions, indent=1, ensure_ascii=False))
         names = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
         rows = [(n, 100 * metrics[n] if n in metrics else None, PAPER["i2t"][n]) for n in names]
