@@ -144,9 +144,8 @@ class _LiveStorages(TorchDispatchMode):
 
 @contextlib.contextmanager
 def _frozen_heap():
-    # everything alive before the measurement is not its garbage: gc.collect() then scans only
-    # the measurement's own objects (a full collection with torch loaded takes ~0.5 s)
-    gc.collect()
+    # everything that exists before the measurement is none of its garbage: gc.collect() then
+    # scans only the measurement's own objects (a full collection with torch loaded takes ~0.5 s)
     gc.freeze()
     try:
         yield
