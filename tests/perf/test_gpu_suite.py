@@ -123,3 +123,12 @@ def test_rehearsal_runs_every_step_on_cpu(tmp_path):
     assert p.stdout.rstrip().endswith(md.rstrip().splitlines()[-1])  # the summary is printed last
     for name in planned:
         assert f"| {name} |" in md
+
+
+def test_kernel_groups_cover_the_benchmarks_ops():
+    """The rehearsal runs one kernel op; the groups of the real run must name kernels.py's ops exactly."""
+    spec = importlib.util.spec_from_file_location("kernels_benchmark", ROOT / "benchmarks" / "kernels.py")
+    kb = sys.modules["kernels_benchmark"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kb)
+    grouped = [op for g in _suite().KERNEL_GROUPS for op in g]
+    assert sorted(grouped) == sorted(kb.OPS) and len(set(grouped)) == len(grouped)
