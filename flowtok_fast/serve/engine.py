@@ -47,8 +47,17 @@ class ImageEngine:
     def resolution(self) -> int:
         return self.pipe.config.tokenizer.resolution
 
-    @torch.no_grad()
     def images(self, rows: list[Row], opts: SamplingOptions, bucket: int) -> BatchResult:
+        """-> uint8 [H, W, 3] arrays, as to_pil would make them."""
+        result = self.image_tensors(rows, opts, bucket)
+        t0 = time.perf_counter()
+        arr = (result.outputs.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        result.seconds["decode"] += time.perf_counter() - t0
+        return BatchResult(list(arr), result.seconds)
+
+    @torch.no_grad()
+    def image_tensors(self, rows: list[Row], opts: SamplingOptions, bucket: int) -> BatchResult:
+        """-> outputs: [len(rows), 3, H, W] floats in [0, 1] (padding dropped)."""
         pipe, real = self.pipe, len(rows)
         rows = padded(rows, bucket)
         seconds = {}
@@ -64,10 +73,9 @@ class ImageEngine:
         self._sync()
         t2 = time.perf_counter()
         images = pipe.decode(latents, feats)[:real]
-        arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        t3 = time.perf_counter()
-        seconds.update(text=t1 - t0, flow=t2 - t1, decode=t3 - t2)
-        return BatchResult(list(arr), seconds)
+        self._sync()
+        seconds.update(text=t1 - t0, flow=t2 - t1, decode=time.perf_counter() - t2)
+        return BatchResult(images, seconds)
 
     @torch.no_grad()
     def captions(self, pixels: list[torch.Tensor], opts: SamplingOptions, bucket: int) -> BatchResult:
