@@ -110,3 +110,24 @@ def test_usage_error_is_one_line(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("flowtok-fast evaluate t2i: error:") and "\n" not in err
+
+
+def test_mjhq_per_category_fid_with_tar_shards(files, tmp_path):
+    meta = {f"id{i}": {"prompt": f"a {cat} number {i}", "category": cat} for i, cat in enumerate(["animals", "people"] * 3)}
+    (tmp_path / "meta_data.json").write_text(json.dumps(meta))
+    for j, cat in enumerate(["animals", "people"]):  # MJHQ's layout: one folder of real images per category
+        (tmp_path / "mjhq" / cat).mkdir(parents=True)
+        for i in range(3):
+            arr = np.random.default_rng(10 * j + i).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / "mjhq" / cat / f"{i}.jpg")
+    out = tmp_path / "eval"
+    args = t2i_args(files, out, **{"--prompts": str(tmp_path / "meta_data.json"), "--reference": str(tmp_path / "mjhq"),
+                                   "--num-images": "6", "--format": "tar", "--shard-size": "4", "--batch-size": "3"})
+    assert cli.main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    per = results["fid_per_category"]
+    assert sorted(per) == ["animals", "people"] and all(v["images"] == 3 and np.isfinite(v["fid"]) for v in per.values())
+    assert per["animals"]["fid"] != per["people"]["fid"]
+    assert sorted(os.listdir(out / "images"))[:2] == ["run.json", "shard-00000.scores.npz"]
+    assert (out / "images" / "shard-00001.tar").is_file()
+    assert "7.68" in (out / "results.md").read_text()
