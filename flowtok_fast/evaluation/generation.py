@@ -1,12 +1,15 @@
 """Sharded, resumable generation. Image i gets prompt i and noise seed image_seed(seed, i), and
 is generated in shard i // shard_size, batches cut inside the shard: so a rerun, another rank count
-or a resumed run makes the same images. Finished shards are skipped; after each shard, `on_shard`
-(Inception features, CLIP score) runs on it, so scoring overlaps generation."""
+or a resumed run makes the same images. Finished shards are skipped. Writing a shard and `on_shard`
+(Inception features, CLIP score) run in one background thread while the next shard is generated
+(PIL and torch release the GIL): on a GPU the CPU-side PNG encoding and resizing hide behind
+generation. At most one shard waits, so memory stays bounded."""
 from __future__ import annotations
 
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from PIL import Image
@@ -65,22 +68,33 @@ def generate_shards(make_images: MakeImages, records: list[PromptRecord], folder
     todo = [s for s in plan if not sh.is_done(folder, s, fmt)]
     reused = [s for s in plan if s not in todo]
     total = sum(s.stop - s.start for s in todo)
-    gen_s = score_s = 0.0
+    timings = {"generate_seconds": 0.0, "write_seconds": 0.0, "score_seconds": 0.0}
+
+    def finish(shard, images):  # in the background thread
+        t = time.perf_counter()
+        sh.write_shard(folder, shard, fmt, images)
+        t2 = time.perf_counter()
+        if on_shard is not None:
+            on_shard(shard, images)
+        timings["write_seconds"] += t2 - t
+        timings["score_seconds"] += time.perf_counter() - t2
+
     bar = tqdm(total=total, unit="img", desc=f"generate (rank {rank})" if world > 1 else "generate",
                disable=not progress, dynamic_ncols=True)
-    for shard in todo:
-        images = []
-        for lo in range(shard.start, shard.stop, batch_size):
-            hi = min(lo + batch_size, shard.stop)
-            t = time.perf_counter()
-            images += make_images([r.prompt for r in records[lo:hi]], [sh.image_seed(seed, i) for i in range(lo, hi)])
-            gen_s += time.perf_counter() - t
-            bar.update(hi - lo)
-        sh.write_shard(folder, shard, fmt, images)
-        if on_shard is not None:
-            t = time.perf_counter()
-            on_shard(shard, images)
-            score_s += time.perf_counter() - t
+    pending = None
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for shard in todo:
+            images = []
+            for lo in range(shard.start, shard.stop, batch_size):
+                hi = min(lo + batch_size, shard.stop)
+                t = time.perf_counter()
+                images += make_images([r.prompt for r in records[lo:hi]], [sh.image_seed(seed, i) for i in range(lo, hi)])
+                timings["generate_seconds"] += time.perf_counter() - t
+                bar.update(hi - lo)
+            if pending is not None:
+                pending.result()  # re-raises the background thread's error, if any
+            pending = pool.submit(finish, shard, images)
+        if pending is not None:
+            pending.result()
     bar.close()
-    return {"shards_generated": len(todo), "shards_reused": len(reused), "images_generated": total,
-            "generate_seconds": gen_s, "score_seconds": score_s}
+    return {"shards_generated": len(todo), "shards_reused": len(reused), "images_generated": total, **timings}
