@@ -94,6 +94,7 @@ def create_app(state: ServerState, warm_in_background: bool = True) -> FastAPI:
         state.batcher.stop()
 
     app = FastAPI(title="flowtok-fast serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(CountInFlight, state=state)
     app.state.serve = state
     m = state.metrics
 
@@ -134,18 +135,6 @@ def create_app(state: ServerState, warm_in_background: bool = True) -> FastAPI:
                 state.batcher.cancel(job)  # if it already started, its result is dropped
                 m.rejected.labels("timeout").inc()
                 return error(504, f"not done within timeout_s={timeout_s:g} s", "timeout_s")
-
-    @app.middleware("http")
-    async def count_in_flight(request: Request, call_next):
-        model_route = request.url.path.startswith("/v1/")
-        state.in_flight += model_route
-        t0 = time.monotonic()
-        try:
-            return await call_next(request)
-        finally:
-            state.in_flight -= model_route
-            if model_route:
-                m.request_seconds.labels(request.url.path).observe(time.monotonic() - t0)
 
     @app.post("/v1/images")
     async def images(request: Request):
@@ -223,6 +212,25 @@ def create_app(state: ServerState, warm_in_background: bool = True) -> FastAPI:
         return PAGE
 
     return app
+
+
+class CountInFlight:
+    """Counts the model requests being answered (the drain waits for none), and times them. Plain
+    ASGI rather than @app.middleware("http"), whose wrapped receive hides client disconnects."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        self.state.in_flight += 1
+        t0 = time.monotonic()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.in_flight -= 1
+            self.state.metrics.request_seconds.labels(scope["path"]).observe(time.monotonic() - t0)
 
 
 def _form_number(field: str, text):
