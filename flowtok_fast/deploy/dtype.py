@@ -1,0 +1,36 @@
+"""`--dtype auto|fp32|bf16`: which precision to run in. auto = bf16 on CUDA and on CPUs with native
+bf16 matmuls (AVX512-BF16 or AMX, as torch reports them), fp32 elsewhere."""
+from __future__ import annotations
+
+import torch
+
+from flowtok_fast.errors import UserError
+
+CHOICES = ("auto", "fp32", "bf16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def cpu_has_native_bf16() -> bool:
+    """torch.cpu._is_avx512_bf16_supported / _is_amx_tile_supported exist in torch 2.11 and 2.14;
+    a torch without them is treated as 'no native bf16' (fp32 is never wrong, only slower)."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(bool(check()) for check in checks if check is not None)
+
+
+def resolve_dtype(choice: str, device: torch.device | str) -> tuple[torch.dtype, str]:
+    """(dtype, why) for `choice` on `device`; `why` is the line to print."""
+    if choice not in CHOICES:
+        raise UserError(f"--dtype: expected one of {CHOICES}, got {choice!r}")
+    device = torch.device(device)
+    if choice != "auto":
+        return DTYPES[choice], f"dtype {choice} (as asked)"
+    if device.type == "cuda":
+        return torch.bfloat16, "dtype auto -> bf16 (CUDA)"
+    if cpu_has_native_bf16():
+        return torch.bfloat16, "dtype auto -> bf16 (this CPU has native bf16: avx512_bf16 or AMX)"
+    return torch.float32, "dtype auto -> fp32 (this CPU has no native bf16: neither avx512_bf16 nor AMX)"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return NAMES[dtype]

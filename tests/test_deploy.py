@@ -1,0 +1,298 @@
+"""Deployment packages (flowtok_fast/deploy): export -> load -> generate equals the eager pipeline,
+the C++ runner writes the same images, and every refusal is a one-line UserError.
+
+One package (tiny, batch 2, 3 steps, fp32, CPU) is compiled once per session: AOTInductor
+compiles C++ for each stage, so this file costs ~1-2 CPU-minutes, most of it in that fixture."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowtok_fast.deploy import export as export_mod
+from flowtok_fast.deploy.export import export_package
+from flowtok_fast.deploy.package_pipeline import PackagePipeline
+from flowtok_fast.errors import UserError
+from flowtok_fast.pipeline import FlowTokPipeline
+
+BATCH, STEPS, CFG = 2, 3, 2.0
+PROMPTS = ["a red bicycle by a lake", "two cats"]
+
+
+@pytest.fixture(scope="session")
+def eager():
+    """The tiny random model, with DiT's zero-initialised layers (adaLN, output) made random too:
+    otherwise the velocity is 0 and the flow stage would not be tested at all."""
+    pipe = FlowTokPipeline.random("tiny", seed=0, device="cpu")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in pipe.generator.parameters():
+            if p.numel() > 1 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def package(eager, tmp_path_factory):
+    out = tmp_path_factory.mktemp("deploy") / "pkg"
+    return export_package(eager, out, BATCH, STEPS, CFG, progress=False)
+
+
+@pytest.fixture(scope="session")
+def loaded(package):
+    return PackagePipeline.load(package)
+
+
+def one_line_error(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_package_equals_eager(eager, loaded):
+    want = eager(PROMPTS, steps=STEPS, cfg_scale=CFG, seed=5, output="tensor")
+    got = loaded(PROMPTS, seed=5, output="tensor")
+    assert got.shape == want.shape == (2, 3, 64, 64)
+    assert want.std() > 0.01  # the random model's images are not constant: a comparison that can fail
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_package_stages_equal_eager(eager, loaded):
+    """Stage by stage in latent space, where the tiny decoder's weak dependence on its input
+    cannot hide a difference."""
+    from flowtok_fast.models.text import tokenize
+    from flowtok_fast.pipeline import SamplingOptions
+
+    ids = tokenize(PROMPTS)
+    noise = torch.randn((2, 77, 16), generator=torch.Generator().manual_seed(5))
+    feats, z = loaded.text(ids, noise)
+    feats_e = eager.encode_text(PROMPTS)
+    z_e = eager.text_latents(feats_e, torch.Generator().manual_seed(5))  # draws the same noise
+    torch.testing.assert_close(feats, feats_e, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(z, z_e, atol=1e-5, rtol=1e-5)
+    x = loaded.flow(z)
+    x_e = eager.flow(z_e, SamplingOptions(steps=STEPS, cfg_scale=CFG))
+    assert (x_e - z_e).abs().max() > 0.1  # the flow moves the latents: its comparison can fail
+    torch.testing.assert_close(x, x_e, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loaded.decode_program(x, feats), eager.decode(x_e, feats_e), atol=1e-4, rtol=1e-4)
+    _, other_seed = loaded.text(ids, torch.randn((2, 77, 16), generator=torch.Generator().manual_seed(6)))
+    assert (other_seed - z).abs().max() > 0.1  # the noise input reaches the latents
+
+
+def test_fewer_and_more_prompts_than_the_batch(eager, loaded):
+    one = loaded(PROMPTS[:1], seed=1, output="tensor")
+    torch.testing.assert_close(one, eager(PROMPTS[:1], steps=STEPS, cfg_scale=CFG, seed=1, output="tensor"),
+                               atol=1e-4, rtol=1e-4)
+    three = PROMPTS + ["a house"]
+    got = loaded(three, seed=2, output="tensor")
+    torch.testing.assert_close(got, eager(three, steps=STEPS, cfg_scale=CFG, seed=2, output="tensor"), atol=1e-4, rtol=1e-4)
+    images = loaded(PROMPTS[:1], seed=1)
+    assert len(images) == 1 and images[0].size == (64, 64)
+
+
+def test_manifest_records_the_build(package, eager):
+    m = json.loads((package / "manifest.json").read_text())
+    assert (m["batch"], m["steps"], m["cfg_scale"], m["dtype"], m["device"]) == (BATCH, STEPS, CFG, "fp32", "cpu")
+    assert m["torch"] == torch.__version__ and m["model"]["name"] == "tiny"
+    assert m["model"]["config"]["generator"]["width"] == eager.config.generator.width
+    assert m["inputs"]["flow"]["x"] == [BATCH, 77, 16] and m["outputs"]["decode"]["images"] == [BATCH, 3, 64, 64]
+    assert sorted(p.name for p in package.iterdir()) == ["decode.pt2", "flow.pt2", "manifest.json", "runner.txt", "text.pt2"]
+
+
+# ---------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(batch=4), "batch 2, expected 4"),
+    (dict(dtype="bf16"), "dtype 'fp32', expected 'bf16'"),
+    (dict(dtype=torch.bfloat16), "dtype 'fp32', expected 'bf16'"),
+    (dict(device="cuda"), "device 'cpu', expected 'cuda'"),
+])
+def test_refuses_another_batch_dtype_device(package, kw, words):
+    with pytest.raises(UserError) as e:
+        PackagePipeline.load(package, **kw)
+    assert words in one_line_error(e)
+
+
+def test_refuses_another_model(package, eager):
+    with pytest.raises(UserError) as e:
+        PackagePipeline.load(package, model=FlowTokPipeline.random("tiny", seed=1, device="cpu"))
+    assert "another model" in one_line_error(e)
+    PackagePipeline.load(package, model=eager)  # its own model passes
+
+
+def _copy(package: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(package, copy)
+    return copy
+
+
+def _edit_manifest(pkg: Path, **changes) -> None:
+    m = json.loads((pkg / "manifest.json").read_text())
+    m.update(changes)
+    (pkg / "manifest.json").write_text(json.dumps(m))
+
+
+def test_refuses_another_torch(package, tmp_path):
+    pkg = _copy(package, tmp_path)
+    _edit_manifest(pkg, torch="2.0.0")
+    with pytest.raises(UserError) as e:
+        PackagePipeline.load(pkg)
+    assert "torch 2.0.0" in one_line_error(e) and torch.__version__ in str(e.value)
+
+
+def test_refuses_damaged_packages(package, tmp_path):
+    pkg = _copy(package, tmp_path)
+    path = pkg / "decode.pt2"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(UserError) as e:
+        PackagePipeline.load(pkg)
+    assert "truncated" in one_line_error(e)
+
+    path.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])  # same size, one byte flipped
+    with pytest.raises(UserError) as e:
+        PackagePipeline.load(pkg)
+    assert "corrupted" in one_line_error(e)
+
+    # a truncated file the manifest agrees with (hand-edited): the loader's own error, in one line
+    path.write_bytes(data[: len(data) // 2])
+    m = json.loads((pkg / "manifest.json").read_text())
+    from flowtok_fast.deploy.manifest import file_sha256
+
+    m["files"]["decode"].update(bytes=path.stat().st_size, sha256=file_sha256(path))
+    (pkg / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UserError) as e:
+        PackagePipeline.load(pkg)
+    assert "cannot be loaded" in one_line_error(e)
+
+    (pkg / "flow.pt2").unlink()
+    with pytest.raises(UserError) as e:
+        PackagePipeline.load(pkg)
+    assert "flow.pt2 is missing" in one_line_error(e)
+
+
+def test_refuses_missing_or_bad_manifest(package, tmp_path):
+    pkg = _copy(package, tmp_path)
+    (pkg / "manifest.json").write_text("{not json")
+    with pytest.raises(UserError) as e:
+        PackagePipeline.load(pkg)
+    assert "not valid JSON" in one_line_error(e)
+    (pkg / "manifest.json").unlink()
+    with pytest.raises(UserError) as e:
+        PackagePipeline.load(pkg)
+    assert "no manifest.json" in one_line_error(e)
+    with pytest.raises(UserError) as e:
+        PackagePipeline.load(tmp_path / "nowhere")
+    assert "not a directory" in one_line_error(e)
+
+
+def test_interrupted_export_leaves_nothing(eager, tmp_path, monkeypatch):
+    calls = []
+
+    def compile_then_interrupt(module, example, path, configs=None):
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        path.write_bytes(b"compiled")
+
+    monkeypatch.setattr(export_mod, "compile_stage", compile_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export_package(eager, tmp_path / "pkg", BATCH, STEPS, CFG, progress=False)
+    assert calls == ["text.pt2", "flow.pt2"]
+    assert os.listdir(tmp_path) == []  # neither pkg/ nor the hidden temporary directory
+
+
+def test_export_cli_checks_out_before_loading(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "x").write_text("")
+    with pytest.raises(UserError) as e:
+        export_mod.main(["--random-weights", "--batch", "1", "--out", str(tmp_path / "pkg")])
+    assert "not empty" in one_line_error(e)
+
+
+# ---------------------------------------------------------------- the C++ runner
+
+
+@pytest.fixture(scope="session")
+def runner(tmp_path_factory):
+    """flowtok-run, built by CMake from the repository's CMakeLists.txt (~1 CPU-minute of g++)."""
+    import subprocess
+    import sys
+
+    missing = [tool for tool in ("cmake", "g++") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"the C++ runner needs {' and '.join(missing)} to build (not found on PATH)")
+    root = Path(__file__).resolve().parents[1]
+    build = tmp_path_factory.mktemp("runner-build")
+    prefix = torch.utils.cmake_prefix_path
+    subprocess.run(["cmake", "-S", str(root), "-B", str(build), f"-DCMAKE_PREFIX_PATH={prefix}",
+                    f"-DFLOWTOK_PYTHON={sys.executable}"], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(build), "--target", "flowtok-run"], check=True, capture_output=True)
+    return build / "flowtok-run"
+
+
+def _run(runner, *args):
+    import subprocess
+
+    return subprocess.run([str(runner), *map(str, args)], capture_output=True, text=True)
+
+
+def test_runner_images_equal_the_python_packages(runner, package, tmp_path):
+    from flowtok_fast.deploy.compare_runner import compare
+    from flowtok_fast.deploy.tokenize_ids import seeded_noise, write_ids, write_noise
+    from flowtok_fast.models.text import tokenize
+
+    prompts = PROMPTS + ["a house"]  # 3 prompts, batch 2: one full batch and one padded
+    write_ids(tmp_path / "ids.txt", tokenize(prompts))
+    write_noise(tmp_path / "noise.bin", seeded_noise(len(prompts), seed=4))
+    done = _run(runner, package, tmp_path / "ids.txt", tmp_path / "noise.bin", tmp_path / "images")
+    assert done.returncode == 0, done.stderr
+    assert compare(package, tmp_path / "ids.txt", tmp_path / "noise.bin", tmp_path / "images") == [0, 0, 0]
+
+
+def test_runner_refuses_bad_input(runner, package, tmp_path):
+    from flowtok_fast.deploy.tokenize_ids import seeded_noise, write_noise
+
+    ids = tmp_path / "ids.txt"
+    write_noise(tmp_path / "noise.bin", seeded_noise(1, seed=0))
+    cases = [
+        ("1 2 3\n", package, "ids.txt:1: 3 ids, expected 77"),
+        ("49406 " + "x " * 76 + "\n", package, "'x' is not a CLIP token id"),
+        (" ".join(["0"] * 77) + "\n", tmp_path / "nowhere", "nowhere: not a directory"),
+        (" ".join(["0"] * 77) + "\n" + " ".join(["0"] * 77) + "\n", package, "noise for 1 prompt(s), the ids file has 2"),
+    ]
+    for text, pkg, words in cases:
+        ids.write_text(text)
+        done = _run(runner, pkg, ids, tmp_path / "noise.bin", tmp_path / "images")
+        assert done.returncode == 2 and words in done.stderr and done.stderr.count("\n") == 1, (words, done.stderr)
+    assert not (tmp_path / "images").exists()
+
+
+def test_sampling_options_must_match_the_package(loaded):
+    loaded.check_options(steps=STEPS, cfg_scale=CFG, method="euler", grid="reference", )
+    loaded.check_options(steps=None)
+    for kw, words in [(dict(steps=20), "steps 3, asked for 20"), (dict(cfg_scale=1.0), "cfg_scale 2.0, asked for 1.0"),
+                      (dict(grid="consistent"), "grid 'reference'"), (dict(method="heun"), "method 'euler'"),
+                      (dict(stpes=3), "unknown sampling option")]:
+        with pytest.raises(UserError) as e:
+            loaded(PROMPTS, **kw)
+        assert words in one_line_error(e)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, want", [(False, False, torch.float32), (True, False, torch.bfloat16),
+                                                     (False, True, torch.bfloat16)])
+def test_dtype_auto_follows_the_cpu(monkeypatch, avx512_bf16, amx, want):
+    from flowtok_fast.deploy.dtype import resolve_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    dtype, why = resolve_dtype("auto", "cpu")
+    assert dtype == want and ("bf16" if want == torch.bfloat16 else "fp32") in why
+    assert resolve_dtype("fp32", "cpu")[0] == torch.float32 and resolve_dtype("bf16", "cpu")[0] == torch.bfloat16
+    with pytest.raises(UserError):
+        resolve_dtype("fp16", "cpu")
