@@ -233,6 +233,8 @@ PASSTHROUGH = {  # verbs whose module owns its whole argument list (and its --he
     "coco-karpathy": "flowtok_fast.train.coco",
     "index-shards": "flowtok_fast.train.webdata",
     "export-model": "flowtok_fast.train.export_model",
+    "evaluate": "flowtok_fast.evaluation.cli",
+    "fid-stats": "flowtok_fast.evaluation.fid_stats",
 }
 PASSTHROUGH_HELP = {
     "plan": "per-GPU memory and recomputation planner (plan --help)",
@@ -241,6 +243,8 @@ PASSTHROUGH_HELP = {
     "coco-karpathy": "COCO Karpathy split -> webdataset shards + references (coco-karpathy --help)",
     "index-shards": "write checked .idx files for webdataset shards (index-shards --help)",
     "export-model": "a training checkpoint -> a model directory for generate/caption (export-model --help)",
+    "evaluate": "the paper's benchmarks: evaluate t2i (FID, CLIP score) | evaluate i2t (COCO Karpathy) (evaluate --help)",
+    "fid-stats": "reference FID statistics (mu, sigma) of a folder/tar of real images (fid-stats --help)",
 }
 THREADS_FOR_MODULE = ("train-tokenizer",)  # --threads is taken here: their parsers do not know it
 
