@@ -132,3 +132,11 @@ def test_kernel_groups_cover_the_benchmarks_ops():
     spec.loader.exec_module(kb)
     grouped = [op for g in _suite().KERNEL_GROUPS for op in g]
     assert sorted(grouped) == sorted(kb.OPS) and len(set(grouped)) == len(grouped)
+
+
+def test_kernel_step_runs_every_gpu_relevant_kernel_test_file():
+    # a new tests/kernels file must be placed in the suite's order (or named as CPU-only), not silently left out
+    order = _suite().KERNEL_TEST_ORDER
+    on_disk = {p.stem.removeprefix("test_") for p in (ROOT / "tests" / "kernels").glob("test_*.py")}
+    cpu_only = {"gpu_compile", "cuda_default_device"}
+    assert set(order) == on_disk - cpu_only and len(order) == len(set(order))
