@@ -15,6 +15,7 @@ import asyncio
 import base64
 import io
 import math
+import sys
 import time
 from contextlib import asynccontextmanager
 
@@ -44,6 +45,7 @@ class ServerState:
         self.request_timeout_s = request_timeout_s
         self.warm_options = warm_options
         self.ready = False
+        self.failed = None  # why warm-up failed, if it did
         self.draining = False
         self.in_flight = 0  # model requests being answered (the drain waits for 0)
 
@@ -51,7 +53,12 @@ class ServerState:
         """On a thread of its own: warm every bucket, then start the model thread, then ready."""
         from flowtok_fast.pipeline import SamplingOptions
 
-        self.engine.warm(self.batcher.buckets, self.warm_options or SamplingOptions(steps=1))
+        try:
+            self.engine.warm(self.batcher.buckets, self.warm_options or SamplingOptions(steps=1))
+        except Exception as err:  # noqa: BLE001 - shown by /health and on stderr; the server stays up
+            self.failed = f"warm-up failed: {type(err).__name__}: {err}"
+            print(f"flowtok-fast serve: error: {self.failed}", file=sys.stderr, flush=True)
+            raise
         self.batcher.start()
         self.ready = True
 
@@ -199,8 +206,8 @@ def create_app(state: ServerState, warm_in_background: bool = True) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        status = "draining" if state.draining else "ready" if state.ready else "warming"
-        return JSONResponse({"status": status, "buckets": state.batcher.buckets},
+        status = "draining" if state.draining else "ready" if state.ready else "failed" if state.failed else "warming"
+        return JSONResponse({"status": status, "buckets": state.batcher.buckets, "error": state.failed},
                             200 if status == "ready" else 503)
 
     @app.get("/metrics")

@@ -76,6 +76,9 @@ def load_engine(args):
         pipe = FlowTokPipeline.random(get_config(args.config, args.resolution), **kw)
     else:
         raise UserError("no weights given: pass --model-dir DIR, or --random-weights [--config tiny]")
+    if args.mode == "graph" and pipe.device.type != "cuda":
+        raise UserError(f"--mode graph needs a CUDA device (CUDA graphs); the model is on {pipe.device}: "
+                        "use --mode eager or --mode compile")
     captioner = FlowTokCaptioner.from_pretrained(args.caption_model_dir, device=args.device) \
         if args.caption_model_dir else None
     return ImageEngine(pipe, captioner)
