@@ -296,3 +296,20 @@ def test_dtype_auto_follows_the_cpu(monkeypatch, avx512_bf16, amx, want):
     assert resolve_dtype("fp32", "cpu")[0] == torch.float32 and resolve_dtype("bf16", "cpu")[0] == torch.bfloat16
     with pytest.raises(UserError):
         resolve_dtype("fp16", "cpu")
+
+
+def test_tokenize_writes_the_runners_inputs(eager, tmp_path):
+    from flowtok_fast.deploy.compare_runner import read_ids
+    from flowtok_fast.deploy.tokenize_ids import main, read_noise
+    from flowtok_fast.models.text import tokenize
+
+    assert main(["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--seed", "7", "--out", str(tmp_path / "ids.txt"),
+                 "--noise-out", str(tmp_path / "noise.bin")]) == 0
+    assert torch.equal(read_ids(tmp_path / "ids.txt"), tokenize(PROMPTS))
+    # the noise FlowTokPipeline draws for seed 7 (TextVAE.sample on the pipeline's generator)
+    want = torch.randn((2, 77, 16), generator=eager.generator_rng(7))
+    assert torch.equal(read_noise(tmp_path / "noise.bin"), want)
+    (tmp_path / "noise.bin").write_bytes(b"flowtok-noise 2 77 16\n" + b"\0" * 10)
+    with pytest.raises(UserError) as e:
+        read_noise(tmp_path / "noise.bin")
+    assert "10 bytes of noise, expected 9856" in one_line_error(e)
