@@ -1,0 +1,122 @@
+"""Deployment benchmark, in one run: cold start (process start -> first image) of `--mode compile`
+vs an exported package, and steady-state throughput of the package vs the compiled pipeline.
+
+    python benchmarks/deploy_bench.py --config tiny --batch 2 --steps 4 --threads 1
+
+Cold start: a fresh Python process each, timed from outside (spawn -> exit after the first image
+is made): the compile child gets an empty TORCHINDUCTOR_CACHE_DIR (a first start; with a warm
+cache it is faster, see `compile_warm_cache_s`), the package child loads the package. The export
+itself is timed too (a one-off cost per model, batch and settings). Targets (issue 12): cold start
+with the package >= 10x faster; package throughput >= 0.95x the compiled pipeline's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a red bicycle by a lake", "two cats on a sofa", "a lighthouse at dusk", "a bowl of fruit"]
+
+CHILD_COMPILE = """
+import sys, torch
+from flowtok_fast.pipeline import FlowTokPipeline
+from flowtok_fast.deploy.dtype import DTYPES
+torch.set_num_threads({threads})
+pipe = FlowTokPipeline.random({config!r}, device="cpu", sampler_mode="compile", dtype=DTYPES[{dtype!r}])
+pipe({prompts!r}, steps={steps}, cfg_scale={cfg}, seed=0)
+"""
+CHILD_PACKAGE = """
+import torch
+from flowtok_fast.deploy.package_pipeline import PackagePipeline
+torch.set_num_threads({threads})
+PackagePipeline.load({package!r})({prompts!r}, seed=0)
+"""
+
+
+def cold_start(code: str, env: dict) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def steady_state(compiled, package, prompts, steps, cfg, repeats: int) -> dict:
+    """Interleaved timing of both, after a warm-up call each: images per second."""
+    run = {"compiled": lambda: compiled(prompts, steps=steps, cfg_scale=cfg, seed=0),
+           "package": lambda: package(prompts, seed=0)}
+    for f in run.values():
+        f()
+    times = {k: [] for k in run}
+    for _ in range(repeats):
+        for name, f in run.items():
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+    best = {k: min(v) for k, v in times.items()}
+    return {"images_per_s": {k: len(prompts) / v for k, v in best.items()},
+            "package_vs_compiled": best["compiled"] / best["package"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--cfg", type=float, default=2.0)
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"))
+    p.add_argument("--flow", default="step", choices=("step", "loop"))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from flowtok_fast.deploy.dtype import dtype_name, resolve_dtype
+    from flowtok_fast.deploy.export import export_package
+    from flowtok_fast.deploy.package_pipeline import PackagePipeline
+    from flowtok_fast.pipeline import FlowTokPipeline
+
+    torch.set_num_threads(args.threads)
+    dtype, why = resolve_dtype(args.dtype, "cpu")
+    print(why)
+    prompts = PROMPTS[: args.batch] if args.batch <= len(PROMPTS) else [PROMPTS[0]] * args.batch
+    settings = dict(config=args.config, threads=args.threads, steps=args.steps, cfg=args.cfg, prompts=prompts,
+                    dtype=dtype_name(dtype))
+    with tempfile.TemporaryDirectory() as tmp:
+        pkg = Path(tmp) / "pkg"
+        compiled = FlowTokPipeline.random(args.config, device="cpu", sampler_mode="compile", dtype=dtype)
+        t0 = time.perf_counter()
+        export_package(compiled, pkg, args.batch, args.steps, args.cfg, dtype=dtype, flow_mode=args.flow)
+        export_s = time.perf_counter() - t0
+        print(f"export: {export_s:.1f} s")
+
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
+        fresh = dict(env, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / "inductor-cache"))
+        cold = {"compile_s": cold_start(CHILD_COMPILE.format(**settings), fresh),
+                "compile_warm_cache_s": cold_start(CHILD_COMPILE.format(**settings), fresh),
+                "package_s": cold_start(CHILD_PACKAGE.format(package=str(pkg), **settings), env)}
+        cold["package_speedup"] = cold["compile_s"] / cold["package_s"]
+        print(f"cold start (process start -> first image): compile {cold['compile_s']:.1f} s "
+              f"(warm inductor cache {cold['compile_warm_cache_s']:.1f} s), package {cold['package_s']:.1f} s: "
+              f"{cold['package_speedup']:.1f}x")
+
+        steady = steady_state(compiled, PackagePipeline.load(pkg), prompts, args.steps, args.cfg, args.repeats)
+        ips = steady["images_per_s"]
+        print(f"steady state: compiled {ips['compiled']:.2f} images/s, package {ips['package']:.2f} images/s: "
+              f"package/compiled = {steady['package_vs_compiled']:.2f}x")
+    result = {"settings": {**settings, "batch": args.batch, "flow": args.flow, "torch": torch.__version__},
+              "export_s": export_s, "cold_start": cold, "steady_state": steady,
+              "load_1min": os.getloadavg()[0]}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
