@@ -41,6 +41,14 @@ def offline_images_per_s(model: str, batches: list[int], steps: int, cfg: float,
     torch.manual_seed(0)
     pipe = FlowTokPipeline(get_config(model), *FlowTokPipeline.build(get_config(model)))
     out = {b: throughput.run_mode(pipe, "eager", b, steps, cfg, repeats)["images_per_s"] for b in batches}
+    # what a user without a server pays for one image: pipe([prompt]) with the BPE tokenizer, PIL out
+    pipe(["warm up"], steps=steps, cfg_scale=cfg)
+    calls = []
+    for i in range(max(3, repeats)):
+        t0 = time.perf_counter()
+        pipe([f"a photo of object {i} on a table"], steps=steps, cfg_scale=cfg, seed=i)
+        calls.append(time.perf_counter() - t0)
+    out["direct_call_ms"] = 1000 * statistics.median(calls)
     del pipe
     return out
 
@@ -147,7 +155,8 @@ def main(argv=None) -> list[dict]:
             r = asyncio.run(level(f"http://127.0.0.1:{port}", c, total, args.level_seconds, args.steps, args.cfg))
             r.update(benchmark="serve_load", model=args.model, steps=args.steps, cfg=args.cfg, buckets=args.buckets,
                      max_wait_ms=args.max_wait_ms, offline_images_per_s_batch1=offline[1],
-                     offline_images_per_s_largest=offline[largest], load_avg=os.getloadavg()[0],
+                     offline_images_per_s_largest=offline[largest], direct_call_ms=offline["direct_call_ms"],
+                     load_avg=os.getloadavg()[0],
                      cpus=os.cpu_count())
             records.append(r)
             os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
@@ -158,7 +167,8 @@ def main(argv=None) -> list[dict]:
         proc.wait(timeout=120)
     print(f"\n{args.model}, {args.steps} steps, cfg {args.cfg}, buckets {args.buckets}, max wait {args.max_wait_ms:g} ms; "
           f"offline (eager): {offline[1]:.2f} images/s at batch 1, {offline[largest]:.2f} at batch {largest}; "
-          f"direct batch-1 call {1000 / offline[1]:.0f} ms")
+          f"direct pipe([prompt]) call {offline['direct_call_ms']:.0f} ms (median); load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores")
     print(f"{'conc':>5} {'reqs':>5} {'fail':>4} {'req/s':>7} {'img/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
           f"{'batches':>7} {'fill':>5}")
     for r in records:

@@ -30,7 +30,7 @@ from flowtok_fast.serve.engine import Row
 from flowtok_fast.serve.metrics import ServeMetrics
 from flowtok_fast.serve.page import PAGE
 
-POLL_S = 0.05
+POLL_S = 0.25  # how often a waiting request checks for a client disconnect (and its deadline, if sooner)
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
