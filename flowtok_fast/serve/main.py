@@ -37,17 +37,26 @@ def _positive(kind):
     return parse
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """'(default: X)' only where a default means something (not None, not an off switch)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="flowtok-fast serve", description=__doc__,
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=_Defaults)
     p.add_argument("--model-dir", help="a flowtok-fast model directory (config.json + model.safetensors)")
     p.add_argument("--random-weights", action="store_true", help="random weights (tests, load tests, demos)")
     p.add_argument("--config", default="tiny", help="model size for --random-weights: tiny, S, B, L, XL, H")
     p.add_argument("--resolution", type=int, default=256, help="tokenizer resolution for --random-weights (S..H)")
     p.add_argument("--caption-model-dir", help="a captioning model directory: enables POST /v1/captions")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--buckets", type=buckets, default=buckets(DEFAULT_BUCKETS),
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--buckets", type=buckets, default=DEFAULT_BUCKETS,
                    help="the static batch sizes; a batch is padded up to the next one")
     p.add_argument("--max-wait-ms", type=_positive(float), default=20.0,
                    help="run a partly filled batch once its oldest request has waited this long")
