@@ -64,6 +64,19 @@ def _add_threads(p: argparse.ArgumentParser) -> None:
                         "be much faster)")
 
 
+def _add_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 on CUDA and on CPUs with native bf16 (avx512_bf16 or AMX), fp32 elsewhere; "
+                        "the choice is printed")
+
+
+def resolve_dtype(args):
+    """--dtype -> (torch dtype, the line saying why), printed once the model has loaded."""
+    from flowtok_fast.deploy.dtype import resolve_dtype as resolve
+
+    return resolve(args.dtype, resolve_device(args.device))
+
+
 def apply_threads(threads: int | None) -> None:
     if threads:
         import torch
@@ -91,11 +104,22 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------- verbs
 
 
+GENERATE_DEFAULTS = dict(steps=20, cfg=2.0, sampler="euler", grid="reference", batch_size=16)
+
+
 def load_pipeline(args):
+    kw = dict(device=args.device, fused_kernels=args.fused_kernels, sampler_mode=args.mode)
+    kw["dtype"], why = resolve_dtype(args)
+    pipe = load_model_source(args, **kw)
+    print(why)
+    return pipe
+
+
+def load_model_source(args, **kw):
+    """The pipeline the model options name (--model-dir | official files | --random-weights)."""
     from flowtok_fast.configs import get_config
     from flowtok_fast.pipeline import FlowTokPipeline
 
-    kw = dict(device=args.device, fused_kernels=args.fused_kernels, sampler_mode=args.mode)
     if args.model_dir:
         return FlowTokPipeline.from_pretrained(args.model_dir, **kw)
     official = (args.checkpoint, args.tokenizer, args.clip)
@@ -124,12 +148,20 @@ def cmd_generate(args) -> None:
         raise UserError("give at least one --prompt or a --prompt-file")
     fmt = image_output_format(args.out)  # before any model is loaded or image sampled
     resolve_device(args.device)
-    pipe = load_pipeline(args)
+    options = dict(steps=args.steps, cfg_scale=args.cfg, method=args.sampler, grid=args.grid)
+    if args.package:
+        pipe = load_package(args)
+        batch = pipe.batch  # None options: the package's own; a different value is refused, saying which
+    else:
+        for name, value in GENERATE_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        options = dict(steps=args.steps, cfg_scale=args.cfg, method=args.sampler, grid=args.grid, progress=True)
+        pipe, batch = load_pipeline(args), args.batch_size
     t0 = time.perf_counter()
     images = []
-    for i in range(0, len(prompts), args.batch_size):  # a prompt over 77 tokens: a warning line, from pipe()
-        images += pipe(prompts[i : i + args.batch_size], steps=args.steps, cfg_scale=args.cfg,
-                       seed=args.seed + i, method=args.sampler, grid=args.grid, progress=True)
+    for i in range(0, len(prompts), batch):  # a prompt over 77 tokens: a warning line, from pipe()
+        images += pipe(prompts[i : i + batch], seed=args.seed + i, **options)
     dt = time.perf_counter() - t0
     save_image(image_grid(images), args.out, fmt)
     if args.save_individual:
@@ -137,6 +169,19 @@ def cmd_generate(args) -> None:
         for i, im in enumerate(images):
             save_image(im, f"{stem}_{i:03d}{ext}", fmt)
     print(f"{len(images)} image(s) in {dt:.1f} s ({len(images) / dt:.2f} images/s) -> {args.out}")
+
+
+def load_package(args):
+    other = [flag for flag, given in (("--model-dir", args.model_dir), ("--checkpoint", args.checkpoint),
+                                      ("--random-weights", args.random_weights), ("--fused-kernels", args.fused_kernels),
+                                      ("--mode", args.mode != "eager")) if given]
+    if other:
+        raise UserError(f"--package runs an exported package: leave out {', '.join(other)}")
+    from flowtok_fast.deploy.package_pipeline import PackagePipeline
+
+    apply_threads(args.threads)
+    return PackagePipeline.load(args.package, batch=args.batch_size, device=args.device,
+                                dtype=None if args.dtype == "auto" else args.dtype)
 
 
 def cmd_convert(args) -> None:
@@ -178,12 +223,14 @@ def cmd_caption(args) -> int:
 
     apply_threads(args.threads)
     resolve_device(args.device)
-    kw = dict(device=args.device, fused_kernels=args.fused_kernels)
+    dtype, why = resolve_dtype(args)
+    kw = dict(device=args.device, fused_kernels=args.fused_kernels, dtype=dtype)
     if args.model_dir:
         cap = FlowTokCaptioner.from_pretrained(args.model_dir, **kw)
     else:
         print("note: --random-weights: captions are gibberish by design.", file=sys.stderr)
         cap = FlowTokCaptioner.random(args.config, **kw)
+    print(why, file=sys.stderr)  # stdout holds the captions (or JSON)
     resolution = cap.config.tokenizer.resolution
     results = []
     for i in tqdm(range(0, len(good), args.batch_size), desc="captioning", disable=len(good) <= args.batch_size):
@@ -235,6 +282,9 @@ PASSTHROUGH = {  # verbs whose module owns its whole argument list (and its --he
     "export-model": "flowtok_fast.train.export_model",
     "evaluate": "flowtok_fast.evaluation.cli",
     "fid-stats": "flowtok_fast.evaluation.fid_stats",
+    "export": "flowtok_fast.deploy.export",
+    "tokenize": "flowtok_fast.deploy.tokenize_ids",
+    "serve": "flowtok_fast.serve.main",
 }
 PASSTHROUGH_HELP = {
     "plan": "per-GPU memory and recomputation planner (plan --help)",
@@ -245,6 +295,9 @@ PASSTHROUGH_HELP = {
     "export-model": "a training checkpoint -> a model directory for generate/caption (export-model --help)",
     "evaluate": "the paper's benchmarks: evaluate t2i (FID, CLIP score) | evaluate i2t (COCO Karpathy) (evaluate --help)",
     "fid-stats": "reference FID statistics (mu, sigma) of a folder/tar of real images (fid-stats --help)",
+    "export": "a model -> an AOTInductor package directory, loaded without compiling (export --help)",
+    "tokenize": "prompts -> CLIP token ids (+ seeded noise) for the C++ runner flowtok-run (tokenize --help)",
+    "serve": "batching HTTP server: images, captions, /metrics, a web page (serve --help)",
 }
 THREADS_FOR_MODULE = ("train-tokenizer",)  # --threads is taken here: their parsers do not know it
 
@@ -258,13 +311,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_source(g)
     g.add_argument("--prompt", action="append", help="a prompt (repeat for several; CLIP reads 77 tokens)")
     g.add_argument("--prompt-file", help="a UTF-8 text file with one prompt per line")
-    g.add_argument("--steps", type=_count, default=20, help="sampling steps")
-    g.add_argument("--cfg", type=_finite, default=2.0, help="classifier-free guidance scale (1 = off)")
+    g.add_argument("--steps", type=_count, default=None,
+                   help="sampling steps (default: 20; with --package: the package's)")
+    g.add_argument("--cfg", type=_finite, default=None,
+                   help="classifier-free guidance scale, 1 = off (default: 2.0; with --package: the package's)")
     g.add_argument("--seed", type=_seed, default=0, help="seed of the first batch (batch at prompt i: seed + i)")
-    g.add_argument("--sampler", choices=("euler", "heun"), default="euler", help="ODE sampler")
-    g.add_argument("--grid", choices=("reference", "consistent"), default="reference",
-                   help="time grid: 'reference' reproduces the published checkpoints' outputs")
-    g.add_argument("--batch-size", type=_count, default=16, help="prompts per forward batch")
+    g.add_argument("--sampler", choices=("euler", "heun"), default=None, help="ODE sampler (default: euler)")
+    g.add_argument("--grid", choices=("reference", "consistent"), default=None,
+                   help="time grid (default: reference, which reproduces the published checkpoints' outputs)")
+    g.add_argument("--batch-size", type=_count, default=None,
+                   help="prompts per forward batch (default: 16; with --package: the package's batch)")
+    g.add_argument("--package", metavar="PKG", help="an exported AOTInductor package (`flowtok-fast export`): "
+                                                   "no compilation at start-up; replaces the model options")
+    _add_dtype(g)
     g.add_argument("--out", default="outputs/grid.png", help="the image grid (.png, .jpg, .webp, ...)")
     g.add_argument("--save-individual", action="store_true", help="also save each image as OUT_000.png, ...")
     g.set_defaults(func=cmd_generate)
@@ -289,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--batch-size", type=_count, default=32, help="images per batch")
     cp.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     cp.add_argument("--fused-kernels", action="store_true", help="use the Triton kernels (CUDA)")
+    _add_dtype(cp)
     cp.add_argument("--json", action="store_true", help="print JSON instead of tab-separated lines")
     _add_threads(cp)
     cp.set_defaults(func=cmd_caption)

@@ -126,6 +126,15 @@ class FlowTokPipeline:
         return cls(config, clip_m, gen_m, tok_m, **kw)
 
     @classmethod
+    def from_package(cls, directory: str, **expect):
+        """An exported package (`flowtok-fast export`): a PackagePipeline, called like this class
+        (prompts, seed, output; steps/cfg_scale/method/grid must be the package's), with no compilation.
+        `expect`: batch=, device=, dtype=, model= (a pipeline or model directory the weights must match)."""
+        from flowtok_fast.deploy.package_pipeline import PackagePipeline
+
+        return PackagePipeline.load(directory, **expect)
+
+    @classmethod
     def from_pretrained(cls, directory: str, **kw) -> "FlowTokPipeline":
         """From a flowtok-fast directory (config.json + model.safetensors)."""
         config, parts = ckpt.read_pretrained(directory)

@@ -10,8 +10,10 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from flowtok_fast.deploy import export as export_mod
 from flowtok_fast.deploy.export import export_package
@@ -313,3 +315,35 @@ def test_tokenize_writes_the_runners_inputs(eager, tmp_path):
     with pytest.raises(UserError) as e:
         read_noise(tmp_path / "noise.bin")
     assert "10 bytes of noise, expected 9856" in one_line_error(e)
+
+
+def _cli(argv, capsys):
+    from flowtok_fast import cli
+
+    try:
+        cli.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return (code, *capsys.readouterr())
+
+
+def test_generate_from_package_equals_eager(eager, package, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    code, _, err = _cli(["generate", "--package", str(package), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+                         "--seed", "5", "--out", str(out), "--save-individual", "--threads", "1"], capsys)
+    assert code == 0, err
+    want = eager(PROMPTS, steps=STEPS, cfg_scale=CFG, seed=5)
+    for i, image in enumerate(want):
+        got = np.asarray(Image.open(tmp_path / f"grid_{i:03d}.png"), dtype=np.int16)
+        assert np.abs(got - np.asarray(image, dtype=np.int16)).max() <= 1
+
+
+@pytest.mark.parametrize("extra, needle", [(["--steps", "7"], "steps"), (["--random-weights"], "--random-weights"),
+                                           (["--batch-size", "3"], "batch")])
+def test_generate_package_refusals_are_one_line(package, tmp_path, capsys, extra, needle):
+    code, _, err = _cli(["generate", "--package", str(package), "--prompt", "a cat", "--out", str(tmp_path / "g.png"),
+                         *extra], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("flowtok-fast generate: error: ") and needle in lines[0], lines[0]

@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from flowtok_fast.cli import load_pipeline
+    from flowtok_fast.cli import load_model_source
     from flowtok_fast.validate import resolve_device
 
     if args.batch < 1 or args.steps < 1:
@@ -182,8 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     dtype, why = resolve_dtype(args.dtype, device)
     print(why)
-    args.fused_kernels, args.mode = False, "eager"
-    pipe = load_pipeline(args)
+    pipe = load_model_source(args, device=args.device, fused_kernels=False, sampler_mode="eager")
     t0 = time.perf_counter()
     export_package(pipe, args.out, args.batch, args.steps, args.cfg, args.grid, dtype, args.flow, args.force)
     print(f"wrote package {args.out} (batch {args.batch}, {args.steps} steps, cfg {args.cfg}, {dtype_name(dtype)}, "
