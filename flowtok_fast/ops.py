@@ -53,10 +53,10 @@ class Ops:
 
 
 # ------------------------------------------------------------------ the reference ops
-# Plain PyTorch, the same math as the `*_ref` functions beside each kernel in kernels/ (the
-# tests check them equal, bitwise): defined here so that the reference path imports neither
-# Triton nor the kernels (a machine without them, or without flowtok_fast.kernels installed,
-# still runs every model on the reference ops).
+# Plain PyTorch, exactly the original implementation's math, and the one definition of each op's
+# reference: the kernels in kernels/ import their `*_ref` from here (beside each kernel). Defined
+# here so that the reference path imports neither Triton nor the kernels (a machine without them,
+# or without flowtok_fast.kernels installed, still runs every model on the reference ops).
 
 
 def ln_modulate_ref(x, shift, scale, eps: float = 1e-6, out_dtype: torch.dtype | None = None):
@@ -96,7 +96,9 @@ def euler_step_ref(x, v, dt):
 
 
 def apply_rope_ref(x, cos, sin):
-    """Rotate adjacent channel pairs of x [..., R, hd]; math in fp32 (fp64 stays fp64)."""
+    """Rotate adjacent channel pairs of x [..., R, hd]: x * cos + rotate_half(x) * sin with
+    rotate_half(x)[2k] = -x[2k+1], rotate_half(x)[2k+1] = x[2k]. Math in fp32 (fp64 stays fp64),
+    result in x's dtype."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     xf = x.to(dtype)
     rotated = torch.stack((-xf[..., 1::2], xf[..., 0::2]), dim=-1).flatten(-2)
@@ -104,7 +106,8 @@ def apply_rope_ref(x, cos, sin):
 
 
 def attention_ref(qkv, rope_cos=None, rope_sin=None):
-    """qkv [B,N,3,H,hd] -> [B,N,H*hd]: RoPE on q and k of the first R tokens, then SDPA."""
+    """qkv [B,N,3,H,hd] -> [B,N,H*hd]: RoPE on q and k of the first R tokens, then SDPA with the
+    default scale hd**-0.5 (the models' CPU path)."""
     b, n, _, h, hd = qkv.shape
     q, k, v = qkv.transpose(1, 3).unbind(2)  # each [B, H, N, hd], strided views
     if rope_cos is not None:

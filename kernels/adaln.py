@@ -22,7 +22,6 @@ are deterministic.
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -445,19 +444,6 @@ def gated_residual_ln_modulate(x, y, gate, shift, scale, eps: float = 1e-6,
     return res, mod
 
 
-# --------------------------------------------------------------------------------------------
-# PyTorch references (also the production CPU path)
-# --------------------------------------------------------------------------------------------
-def ln_modulate_ref(x, shift, scale, eps: float = 1e-6, out_dtype: Optional[torch.dtype] = None):
-    out = F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-    return out if out_dtype is None else out.to(out_dtype)
-
-
-def gated_residual_ref(x, y, gate):
-    return x + gate.unsqueeze(1) * y
-
-
-def gated_residual_ln_modulate_ref(x, y, gate, shift, scale, eps: float = 1e-6,
-                                   out_dtype: Optional[torch.dtype] = None):
-    res = gated_residual_ref(x, y, gate)
-    return res, ln_modulate_ref(res, shift, scale, eps, out_dtype)
+# PyTorch references (also the production CPU path): defined once, in flowtok_fast/ops.py, so that
+# the reference path imports neither Triton nor these kernels.
+from flowtok_fast.ops import gated_residual_ln_modulate_ref, gated_residual_ref, ln_modulate_ref  # noqa: E402,F401

@@ -25,7 +25,6 @@ CPU path). tests/kernels/gpu_compile.py compiles the variants the launchers real
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -611,31 +610,12 @@ def attention(qkv: torch.Tensor, rope_cos: Optional[torch.Tensor] = None,
     return out
 
 
-def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of ``x [..., R, hd]``: x * cos + rotate_half(x) * sin with
-    rotate_half(x)[2k] = -x[2k+1], rotate_half(x)[2k+1] = x[2k]. Math in fp32 (fp64 stays
-    fp64), result in x's dtype."""
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    xf = x.to(dtype)
-    rotated = torch.stack((-xf[..., 1::2], xf[..., 0::2]), dim=-1).flatten(-2)
-    return (xf * cos.to(dtype) + rotated * sin.to(dtype)).to(x.dtype)
+from flowtok_fast import ops  # noqa: E402
+from flowtok_fast.ops import apply_rope_ref  # noqa: E402,F401  (one definition, in the Triton-free ops layer)
 
 
 def attention_ref(qkv: torch.Tensor, rope_cos: Optional[torch.Tensor] = None,
                   rope_sin: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Plain PyTorch attention with the same contract as ``attention`` (also the models' CPU
-    path): RoPE on q and k of the first R tokens, then SDPA with the default scale."""
+    """The reference (flowtok_fast/ops.py) behind the same input checks as ``attention``."""
     _check_inputs(qkv, rope_cos, rope_sin, kernel=False, op="attention_ref")
-    B, N, _, H, hd = qkv.shape
-    q, k, v = qkv.transpose(1, 3).unbind(2)  # each [B, H, N, hd], strided views
-    if rope_cos is not None:
-        R = rope_cos.shape[0]
-
-        def rope(x):
-            if R == N:
-                return apply_rope_ref(x, rope_cos, rope_sin)
-            return torch.cat((apply_rope_ref(x[..., :R, :], rope_cos, rope_sin), x[..., R:, :]), dim=-2)
-
-        q, k = rope(q), rope(k)
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(B, N, H * hd)
+    return ops.attention_ref(qkv, rope_cos, rope_sin)

@@ -151,16 +151,6 @@ def euler_step_(x: torch.Tensor, v: torch.Tensor, dt: Scalar) -> None:
     torch.ops.flowtok.euler_step_(x, v, dt_t, dt_f)
 
 
-# --------------------------------------------------------------------------------------------
-# PyTorch references (also the production CPU path). Like the kernels they update x IN PLACE;
-# they also return x for convenience. dt / scale: floats or 0-dim tensors (no .item()).
-# --------------------------------------------------------------------------------------------
-def cfg_euler_step_ref(x: torch.Tensor, v: torch.Tensor, dt: Scalar, scale: Scalar) -> torch.Tensor:
-    B = x.shape[0]
-    v = v.float()
-    v_c, v_u = v[:B], v[B:]
-    return x.copy_(x.float() + dt * (v_u + scale * (v_c - v_u)))
-
-
-def euler_step_ref(x: torch.Tensor, v: torch.Tensor, dt: Scalar) -> torch.Tensor:
-    return x.copy_(x.float() + dt * v.float())
+# PyTorch references (also the production CPU path): defined once, in flowtok_fast/ops.py, so that They update
+# x IN PLACE and return it; dt / scale: floats or 0-dim tensors. The reference path imports neither Triton nor these kernels.
+from flowtok_fast.ops import cfg_euler_step_ref, euler_step_ref  # noqa: E402,F401

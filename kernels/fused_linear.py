@@ -147,21 +147,7 @@ def swiglu_linear(x12, lin: nn.Linear):
     return _SwigluLinear.apply(x12, lin.weight, lin.bias)
 
 
-# ------------------------------------------------------------------ references
-
-
-def modulated_linear_ref(x, shift, scale, lin: nn.Linear):
-    return lin(adaln.ln_modulate_ref(x, shift, scale))
-
-
-def gated_residual_modulated_linear_ref(x, y, gate, shift, scale, lin: nn.Linear):
-    res, h = adaln.gated_residual_ln_modulate_ref(x, y, gate, shift, scale)
-    return res, lin(h)
-
-
-def gelu_linear_ref(a, lin: nn.Linear):
-    return lin(swiglu.gelu_tanh_ref(a))
-
-
-def swiglu_linear_ref(x12, lin: nn.Linear):
-    return lin(swiglu.swiglu_ref(x12))
+# PyTorch references (also the production CPU path): defined once, in flowtok_fast/ops.py, so that
+# the reference path imports neither Triton nor these kernels.
+from flowtok_fast.ops import (  # noqa: E402,F401
+    gated_residual_modulated_linear_ref, gelu_linear_ref, modulated_linear_ref, swiglu_linear_ref)

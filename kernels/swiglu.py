@@ -15,7 +15,6 @@ which equals 0.5 u (1 + tanh(...)) without its cancellation for negative u.
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -266,15 +265,6 @@ def gelu_tanh(x: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
     return torch.ops.flowtok.gelu_tanh(x, bias, out_dtype)
 
 
-# --------------------------------------------------------------------------------------------
-# PyTorch references (also the production CPU path)
-# --------------------------------------------------------------------------------------------
-def swiglu_ref(x12: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x12.chunk(2, dim=-1)
-    return F.silu(x1) * x2
-
-
-def gelu_tanh_ref(x: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-                  out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    out = F.gelu(x if bias is None else x + bias, approximate="tanh")
-    return out if out_dtype is None else out.to(out_dtype)
+# PyTorch references (also the production CPU path): defined once, in flowtok_fast/ops.py, so that
+# the reference path imports neither Triton nor these kernels.
+from flowtok_fast.ops import gelu_tanh_ref, swiglu_ref  # noqa: E402,F401
