@@ -39,7 +39,7 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(tmp_pa
 
         slow = {}
         worker = threading.Thread(target=lambda: slow.setdefault("r", httpx.post(
-            f"{url}/v1/images", json={"prompt": "slow", "n": 4, "steps": 40}, timeout=120)))
+            f"{url}/v1/images", json={"prompt": "slow", "n": 4, "steps": 500}, timeout=120)))  # seconds, even on an idle machine
         worker.start()
         time.sleep(0.5)  # it is running on the model thread now
         proc.send_signal(signal.SIGTERM)
