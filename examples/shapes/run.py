@@ -35,6 +35,7 @@ from examples.shapes import evaluate as E
 from examples.shapes import record as R
 from examples.shapes.config import load_config, tokenizer_train_config, train_config
 from examples.shapes.text_autoencoder import train_text_autoencoder
+from flowtok_fast.cli_errors import OneLineParser
 from flowtok_fast.errors import UserError
 
 log = logging.getLogger("shapes")
@@ -336,7 +337,7 @@ def caption_and_evaluate(cfg: dict, out: Path, sets, gen, tok, text_decoder, res
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flowtok-fast example shapes", description=__doc__,
+    parser = OneLineParser(prog="flowtok-fast example shapes", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--out", default="outputs/shapes", help="output directory")

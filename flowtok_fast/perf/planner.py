@@ -50,6 +50,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from flowtok_fast.cli_errors import OneLineParser
 from flowtok_fast import ops
 from flowtok_fast.configs import NUM_TOKENS, TOKEN_CHANNELS, FlowTokConfig, get_config
 from flowtok_fast.errors import UserError
@@ -403,7 +404,7 @@ def local_gpu_gib() -> float | None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="flowtok-fast plan", description=__doc__,
+    ap = OneLineParser(prog="flowtok-fast plan", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="H", help="tiny or a generator size S/B/L/XL/H")
     ap.add_argument("--global-batch", type=int, default=8192)

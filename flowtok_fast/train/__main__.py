@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flowtok_fast.cli_errors import OneLineParser
 from flowtok_fast.train.config import load_config
 from flowtok_fast.train.trainer import Trainer, distributed_run
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="flowtok-fast train",
         description="Train FlowTok. Launch with torchrun --nproc_per_node=N for DDP or FSDP.",
     )
