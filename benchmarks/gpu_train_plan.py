@@ -13,10 +13,7 @@ tensors (CPU dispatch), so the answer does not need the GPU; the torch version i
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,11 +60,9 @@ def main(argv=None) -> int:
     for e in entries.values():
         print(f"{e['model']}: ops {e['ops']}, recompute {e['policy']}, one-GPU batch {e['batch']}, "
               f"predicted peak {e['predicted_peak_gib']:.1f} GiB", flush=True)
-    out = Path(args.out).resolve()
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".gpu_plan.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(entries, f, indent=1)
-    os.replace(tmp, out)
+    from flowtok_fast.perf.planner import write_json_atomic
+
+    write_json_atomic(args.out, entries)
     return 0
 
 

@@ -431,12 +431,17 @@ def main(argv=None) -> int:
              max_extra_flops=args.max_extra_flops, reserve_gb=args.reserve, ema=not args.no_ema, progress=True)
     print(format_plan(p))
     if args.json:
-        path = os.path.abspath(args.json)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".plan.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(p, f, indent=1)
-        os.replace(tmp, path)
+        write_json_atomic(args.json, p)
     return 0
+
+
+def write_json_atomic(path, obj) -> None:
+    """JSON written to a temporary file beside `path`, then renamed: never half-written."""
+    path = os.path.abspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".json.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
