@@ -1,13 +1,20 @@
 """Deployment benchmark, in one run: cold start (process start -> first image) of `--mode compile`
-vs an exported package, and steady-state throughput of the package vs the compiled pipeline.
+vs an exported package, and steady-state throughput of the package vs the compiled pipeline and
+vs the reference sampler (the eager pipeline: flow.sample on the reference ops, always fp32).
 
     python benchmarks/deploy_bench.py --config tiny --batch 2 --steps 4 --threads 1
+    python benchmarks/deploy_bench.py --config B --batch 2 --steps 10 --threads 1 --repeats 3
+    python benchmarks/deploy_bench.py --config B --dtype bf16 --no-cold-start   # bf16 package vs fp32 reference
 
 Cold start: a fresh Python process each, timed from outside (spawn -> exit after the first image
 is made): the compile child gets an empty TORCHINDUCTOR_CACHE_DIR (a first start; with a warm
 cache it is faster, see `compile_warm_cache_s`), the package child loads the package. The export
-itself is timed too (a one-off cost per model, batch and settings). Targets (issue 12): cold start
-with the package >= 10x faster; package throughput >= 0.95x the compiled pipeline's.
+itself is timed too (a one-off cost per model, batch and settings). Steady state: the three
+pipelines on the same weights, interleaved, best of --repeats each. Targets (issue 12): cold start
+with the package >= 10x faster; package throughput >= 0.95x the compiled pipeline's; B on CPU, the
+bf16 package >= 2x the fp32 reference sampler (needs a CPU with native bf16: see --dtype auto).
+The result (with the commit, threads and the load average at each phase) is printed as JSON and
+written to --json.
 """
 from __future__ import annotations
 
@@ -45,10 +52,30 @@ def cold_start(code: str, env: dict) -> float:
     return time.perf_counter() - t0
 
 
-def steady_state(compiled, package, prompts, steps, cfg, repeats: int) -> dict:
-    """Interleaved timing of both, after a warm-up call each: images per second."""
+def load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def commit() -> str:
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+
+    try:
+        return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except OSError:
+        return "unknown"
+
+
+def steady_state(compiled, package, reference, prompts, steps, cfg, repeats: int) -> dict:
+    """Interleaved timing of the three (reference: None to leave it out), after a warm-up call
+    each: images per second."""
     run = {"compiled": lambda: compiled(prompts, steps=steps, cfg_scale=cfg, seed=0),
            "package": lambda: package(prompts, seed=0)}
+    if reference is not None:
+        run["reference"] = lambda: reference(prompts, steps=steps, cfg_scale=cfg, seed=0)
     for f in run.values():
         f()
     times = {k: [] for k in run}
@@ -58,8 +85,13 @@ def steady_state(compiled, package, prompts, steps, cfg, repeats: int) -> dict:
             f()
             times[name].append(time.perf_counter() - t0)
     best = {k: min(v) for k, v in times.items()}
-    return {"images_per_s": {k: len(prompts) / v for k, v in best.items()},
-            "package_vs_compiled": best["compiled"] / best["package"]}
+    out = {"images_per_s": {k: len(prompts) / v for k, v in best.items()},
+           "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
+           "package_vs_compiled": best["compiled"] / best["package"]}
+    if reference is not None:
+        out["package_vs_reference"] = best["reference"] / best["package"]
+        out["compiled_vs_reference"] = best["reference"] / best["compiled"]
+    return out
 
 
 def main(argv=None) -> int:
@@ -72,12 +104,14 @@ def main(argv=None) -> int:
     p.add_argument("--flow", default="step", choices=("step", "loop"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-cold-start", action="store_true", help="steady state only (no child processes)")
+    p.add_argument("--no-reference", action="store_true", help="leave the eager fp32 reference sampler out")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
     import torch
 
-    from flowtok_fast.deploy.dtype import dtype_name, resolve_dtype
+    from flowtok_fast.deploy.dtype import cpu_has_native_bf16, dtype_name, resolve_dtype
     from flowtok_fast.deploy.export import export_package
     from flowtok_fast.deploy.package_pipeline import PackagePipeline
     from flowtok_fast.pipeline import FlowTokPipeline
@@ -88,31 +122,49 @@ def main(argv=None) -> int:
     prompts = PROMPTS[: args.batch] if args.batch <= len(PROMPTS) else [PROMPTS[0]] * args.batch
     settings = dict(config=args.config, threads=args.threads, steps=args.steps, cfg=args.cfg, prompts=prompts,
                     dtype=dtype_name(dtype))
+    loads = {"start": load_average()}
     with tempfile.TemporaryDirectory() as tmp:
         pkg = Path(tmp) / "pkg"
         compiled = FlowTokPipeline.random(args.config, device="cpu", sampler_mode="compile", dtype=dtype)
         t0 = time.perf_counter()
         export_package(compiled, pkg, args.batch, args.steps, args.cfg, dtype=dtype, flow_mode=args.flow)
         export_s = time.perf_counter() - t0
-        print(f"export: {export_s:.1f} s")
+        loads["export"] = load_average()
+        print(f"export: {export_s:.1f} s", flush=True)
 
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
-        fresh = dict(env, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / "inductor-cache"))
-        cold = {"compile_s": cold_start(CHILD_COMPILE.format(**settings), fresh),
-                "compile_warm_cache_s": cold_start(CHILD_COMPILE.format(**settings), fresh),
-                "package_s": cold_start(CHILD_PACKAGE.format(package=str(pkg), **settings), env)}
-        cold["package_speedup"] = cold["compile_s"] / cold["package_s"]
-        print(f"cold start (process start -> first image): compile {cold['compile_s']:.1f} s "
-              f"(warm inductor cache {cold['compile_warm_cache_s']:.1f} s), package {cold['package_s']:.1f} s: "
-              f"{cold['package_speedup']:.1f}x")
+        cold = None
+        if not args.no_cold_start:
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
+            fresh = dict(env, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / "inductor-cache"))
+            cold = {"compile_s": cold_start(CHILD_COMPILE.format(**settings), fresh),
+                    "compile_warm_cache_s": cold_start(CHILD_COMPILE.format(**settings), fresh),
+                    "package_s": cold_start(CHILD_PACKAGE.format(package=str(pkg), **settings), env)}
+            cold["package_speedup"] = cold["compile_s"] / cold["package_s"]
+            loads["cold_start"] = load_average()
+            print(f"cold start (process start -> first image): compile {cold['compile_s']:.1f} s "
+                  f"(warm inductor cache {cold['compile_warm_cache_s']:.1f} s), package {cold['package_s']:.1f} s: "
+                  f"{cold['package_speedup']:.1f}x", flush=True)
 
-        steady = steady_state(compiled, PackagePipeline.load(pkg), prompts, args.steps, args.cfg, args.repeats)
+        # the reference sampler on the same weights: eager flow.sample, reference ops, fp32
+        reference = None if args.no_reference else FlowTokPipeline(
+            compiled.config, compiled.clip, compiled.generator, compiled.tokenizer, device="cpu", dtype=torch.float32)
+        steady = steady_state(compiled, PackagePipeline.load(pkg), reference, prompts, args.steps, args.cfg,
+                              args.repeats)
+        loads["steady_state"] = load_average()
         ips = steady["images_per_s"]
-        print(f"steady state: compiled {ips['compiled']:.2f} images/s, package {ips['package']:.2f} images/s: "
-              f"package/compiled = {steady['package_vs_compiled']:.2f}x")
-    result = {"settings": {**settings, "batch": args.batch, "flow": args.flow, "torch": torch.__version__},
-              "export_s": export_s, "cold_start": cold, "steady_state": steady,
-              "load_1min": os.getloadavg()[0]}
+        line = (f"steady state: compiled {ips['compiled']:.3g} images/s, package {ips['package']:.3g} images/s: "
+                f"package/compiled = {steady['package_vs_compiled']:.2f}x")
+        if reference is not None:
+            line += (f"; reference sampler (eager fp32) {ips['reference']:.3g} images/s: "
+                     f"package/reference = {steady['package_vs_reference']:.2f}x")
+        print(line, flush=True)
+    result = {"settings": {**settings, "batch": args.batch, "flow": args.flow, "repeats": args.repeats,
+                           "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                           "cpu_native_bf16": cpu_has_native_bf16(), "commit": commit(),
+                           "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+                           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+              "export_s": export_s, "cold_start": cold, "steady_state": steady, "load_1min": loads}
+    print(json.dumps(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
