@@ -13,6 +13,11 @@ measured in the order given):
     graph            compiled + the whole N-step loop as ONE CUDA graph             [CUDA]
     fused-graph      Triton kernels, no Inductor, one CUDA graph                    [CUDA]
     reduce-overhead  torch.compile(mode="reduce-overhead") forward                  [CUDA]
+    package          an AOTInductor package (flowtok-fast export) of the same model, exported
+                     once per run into a temporary directory (export_s, reported apart) and
+                     loaded (load_s); only when asked for: `--modes compiled package`
+The modes and their timing live in benchmarks/throughput_modes.py. --dtype auto (the default)
+is bf16 on CUDA and on CPUs with native bf16 (avx512_bf16 or AMX), fp32 elsewhere; it is printed.
 Each stage (CLIP, text VAE, flow loop, decoder) is timed separately after a warm-up; the median
 batch time over --repeats is reported with its spread (min-max images/s). FLOPs per image come
 from flowtok_fast/perf/flops.py (FlopCounterMode: 2 FLOPs per multiply-accumulate of matmuls and
@@ -42,76 +47,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from flowtok_fast import fast_sampler, ops  # noqa: E402
+from flowtok_fast import ops  # noqa: E402
 from flowtok_fast.configs import NUM_TOKENS, TOKEN_CHANNELS, get_config  # noqa: E402
 from flowtok_fast.perf import flops  # noqa: E402
-from flowtok_fast.pipeline import FlowTokPipeline, SamplingOptions  # noqa: E402
+from flowtok_fast.pipeline import FlowTokPipeline  # noqa: E402
 
-STAGES = ("clip", "text_vae", "flow", "decoder")
-# mode -> (ops implementation, FastSampler mode or None for the pipeline's own sampler, compile)
-MODES = {
-    "eager": ("reference", None, False),
-    "fused": ("triton", None, False),
-    "compiled": ("reference", "compile", True),
-    "graph": ("reference", "graph", True),
-    "fused-graph": ("triton", "graph", False),
-    "reduce-overhead": ("reference", "reduce-overhead", True),
-}
-
-
-def skip_reason(mode: str, device: torch.device) -> str | None:
-    impl, sampler, _ = MODES[mode]
-    if device.type == "cuda":
-        return None
-    if impl == "triton":
-        return "Triton kernels need CUDA (on CPU they run only in the interpreter, for tests)"
-    if sampler in fast_sampler.CUDA_ONLY:
-        return "CUDA graphs need CUDA"
-    return None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_stages(pipe: FlowTokPipeline, prompts: list[str], opts: SamplingOptions, flow_fn, decode_fn) -> dict[str, float]:
-    """Seconds per stage for one batch."""
-    out, dev = {}, pipe.device
-
-    def timed(name, fn):
-        _sync(dev)
-        t0 = time.perf_counter()
-        result = fn()
-        _sync(dev)
-        out[name] = time.perf_counter() - t0
-        return result
-
-    feats = timed("clip", lambda: encode_ids(pipe, prompts))
-    z = timed("text_vae", lambda: pipe.text_latents(feats, pipe.generator_rng(opts.seed)))
-    x = timed("flow", lambda: flow_fn(z))
-    timed("decoder", lambda: decode_fn(x, feats))
-    return out
-
-
-def token_ids(batch: int, seed: int = 0) -> torch.Tensor:
-    """[batch, 77] CLIP token ids without the BPE tokenizer (open_clip need not be installed):
-    start token, 20 random word ids, end token, zero padding, like a short prompt. The text
-    tower's cost does not depend on which ids."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(batch, NUM_TOKENS, dtype=torch.long)
-    ids[:, 0], ids[:, 21] = 49406, 49407
-    ids[:, 1:21] = torch.randint(256, 49406, (batch, 20), generator=g)
-    return ids
-
-
-@torch.no_grad()
-def encode_ids(pipe: FlowTokPipeline, ids: torch.Tensor) -> torch.Tensor:
-    """The pipeline's CLIP stage on token ids (what `pipe.encode_text` does after tokenizing)."""
-    ids = ids.to(pipe.device, non_blocking=True)
-    with pipe.autocast():
-        return pipe.clip(ids)
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling module, also when loaded by path
+# the modes and their timing; re-exported: tests and benchmarks/serve_load.py use them from here
+from throughput_modes import (DEFAULT_MODES, MODES, STAGES, _peak_gib, _peak_reset, _sync, encode_ids,  # noqa: E402,F401
+                              run_mode, skip_reason, time_stages, token_ids)
 
 def load_warning(state: dict) -> None:
     """One line on stderr, once per run, when the 1-minute load average exceeds the core count:
@@ -188,45 +132,9 @@ def measure_copy_ceiling(device: torch.device, repeats: int = 5, mib: int | None
             "ceiling_copy": f"fp32 {n * 4 // 2**20} MiB device-to-device"}
 
 
-def _peak_reset(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def run_mode(pipe: FlowTokPipeline, mode: str, batch: int, steps: int, cfg: float, repeats: int) -> dict:
-    impl, sampler_mode, compile_ = MODES[mode]
-    pipe.set_fused_kernels(impl == "triton")
-    opts = SamplingOptions(steps=steps, cfg_scale=cfg)
-    prompts = token_ids(batch)
-    dev = pipe.device
-    _peak_reset(dev)
-    t0 = time.perf_counter()
-    if sampler_mode is None:
-        flow_fn, decode_fn = (lambda z: pipe.flow(z, opts)), pipe.decode
-        # warm-up: every code path once (allocator, kernels); 2 steps are as good as 20
-        time_stages(pipe, prompts, SamplingOptions(steps=min(2, steps), cfg_scale=cfg), flow_fn, decode_fn)
-    else:
-        flow_fn = fast_sampler.FastSampler(pipe.generator, batch, steps, cfg, mode=sampler_mode, dtype=pipe.dtype,
-                                           compile=compile_)
-        decode_fn = fast_sampler.decoder(pipe.tokenizer, pipe.dtype, compile=compile_ and dev.type == "cuda")
-        for _ in range(2):  # warm-up: compilation (static shapes), then CUDA graph trees record on the 2nd call
-            time_stages(pipe, prompts, opts, flow_fn, decode_fn)
-    setup_s = time.perf_counter() - t0
-    runs = [time_stages(pipe, prompts, opts, flow_fn, decode_fn) for _ in range(repeats)]
-    totals = [sum(r.values()) for r in runs]
-    med = statistics.median(totals)
-    stages = {s: statistics.median(r[s] for r in runs) for s in STAGES}
-    return {"mode": mode, "ops": impl, "images_per_s": batch / med, "seconds_median": med, "seconds_min": min(totals),
-            "seconds_max": max(totals), "repeats": repeats, "stages_s": stages, "setup_s": setup_s,
-            "peak_mem_gib": _peak_gib(dev)}
-
-
 def bench_inference(model: str, modes: list[str], batch: int, steps: int, cfg: float, resolution: int, repeats: int,
-                    device: str | None, ceiling: dict, env: dict) -> list[dict]:
+                    device: str | None, ceiling: dict, env: dict, dtype: torch.dtype | None = None,
+                    package: str | None = None) -> list[dict]:
     records = []
     config = get_config(model, resolution)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -238,7 +146,7 @@ def bench_inference(model: str, modes: list[str], batch: int, steps: int, cfg: f
     torch.manual_seed(0)
     with dev:  # random weights made on the device: a 1B-parameter init on the host takes a while
         parts = FlowTokPipeline.build(config)
-    pipe = FlowTokPipeline(config, *parts, device=dev)
+    pipe = FlowTokPipeline(config, *parts, device=dev, dtype=dtype)
     e2e = flops.end_to_end(config, steps, cfg)
     for mode in modes:
         reason = skip_reason(mode, pipe.device)
@@ -248,7 +156,7 @@ def bench_inference(model: str, modes: list[str], batch: int, steps: int, cfg: f
             continue
         print(f"measuring {model} {mode} ...", file=sys.stderr, flush=True)
         load_warning(_LOAD)
-        r = run_mode(pipe, mode, batch, steps, cfg, repeats)
+        r = run_mode(pipe, mode, batch, steps, cfg, repeats, package)
         load_warning(_LOAD)
         achieved = e2e["total"] * r["images_per_s"]
         flow_rate = e2e["flow"] * batch / r["stages_s"]["flow"]
@@ -347,6 +255,12 @@ def print_table(records: list[dict]) -> None:
         for r in inf:
             if r["mode"] != "eager" and r["model"] in eager:
                 print(f"{r['model']} {r['mode']} vs eager: x{r['images_per_s'] / eager[r['model']]:.2f}")
+        compiled = {r["model"]: r["images_per_s"] for r in inf if r["mode"] == "compiled"}
+        for r in inf:
+            if r["mode"] == "package":
+                vs = f", x{r['images_per_s'] / compiled[r['model']]:.2f} vs compiled" if r["model"] in compiled else ""
+                export = f"export {r['export_s']:.1f} s (once)" if r["export_s"] is not None else f"package {r['package']}"
+                print(f"{r['model']} package: {export}, load {r['load_s']:.1f} s{vs}")
     for r in records:
         if r["benchmark"] == "skipped":
             print(f"skipped {r['model']} {r['mode']}: {r['reason']}")
@@ -375,8 +289,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5 if on_gpu else 2)
     p.add_argument("--device", default=None)
-    p.add_argument("--modes", nargs="+", choices=list(MODES), default=None,
-                   help="default: all (on CPU the CUDA-only ones are skipped with the reason)")
+    p.add_argument("--modes", "--mode", nargs="+", choices=list(MODES), default=None,
+                   help="default: all but package (on CPU the CUDA-only ones are skipped with the reason)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="inference precision; auto: bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere")
+    p.add_argument("--package", default=None,
+                   help="mode package: time this exported package (built for --batch/--steps/--cfg) instead of exporting one")
     p.add_argument("--fused-kernels", action="store_true", help="also measure the Triton kernels (adds mode 'fused')")
     p.add_argument("--train-batch", type=int, default=64 if on_gpu else 2, help="per-device batch of the training step; 0: none")
     p.add_argument("--train-model", nargs="+", default=None,
@@ -395,13 +313,17 @@ def main(argv=None) -> list[dict]:
     env = environment(dev)
     print("measuring the matmul and copy ceilings ...", file=sys.stderr, flush=True)
     ceiling = {**measure_ceiling(dev, n=args.ceiling_size), **measure_copy_ceiling(dev)}
+    from flowtok_fast.deploy.dtype import resolve_dtype
+
+    dtype, why = resolve_dtype(args.dtype, dev)
+    print(why, file=sys.stderr, flush=True)
     records = []
     for model in [] if args.train_only else args.model:
-        modes = args.modes or list(MODES)
+        modes = args.modes or list(DEFAULT_MODES)
         if args.fused_kernels and "fused" not in modes:
             modes = modes + ["fused"]
         records += bench_inference(model, modes, args.batch, args.steps, args.cfg, args.resolution, args.repeats,
-                                   args.device, ceiling, env)
+                                   args.device, ceiling, env, dtype, args.package)
     if args.train_batch > 0:
         for model in args.train_model or (args.model if dev.type == "cuda" else ["tiny"]):
             records.append(bench_train(model, args.train_batch, args.repeats, args.device, args.train_ops,

@@ -347,3 +347,54 @@ def test_generate_package_refusals_are_one_line(package, tmp_path, capsys, extra
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("flowtok-fast generate: error: ") and needle in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------- benchmarks/throughput.py --modes package
+
+
+def _throughput_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+    spec = importlib.util.spec_from_file_location("throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_throughput_package_mode_records(package, tmp_path, monkeypatch, capsys):
+    """One JSONL record for the package mode, its export timed apart and its temporary package
+    removed. The export is this session's package, copied (export_package is tested above): the
+    benchmark's own part, load + timing of the three programs, runs for real."""
+    from flowtok_fast.deploy import export
+
+    tp = _throughput_module()
+    made = []
+
+    def copy_of_the_session_package(pipe, out, batch, steps, cfg, dtype=torch.float32, **kw):
+        assert (pipe.config.name, batch, steps, cfg, dtype) == ("tiny", BATCH, STEPS, CFG, torch.float32)
+        shutil.copytree(package, out)
+        made.append(Path(out))
+        return Path(out)
+
+    monkeypatch.setattr(export, "export_package", copy_of_the_session_package)
+    out = tmp_path / "r.jsonl"
+    common = ["--model", "tiny", "--batch", str(BATCH), "--steps", str(STEPS), "--cfg", str(CFG), "--repeats", "1",
+              "--train-batch", "0", "--ceiling-size", "256", "--results", str(out)]
+    tp.main(common + ["--mode", "package"])
+    assert "tiny package: export" in capsys.readouterr().out
+    (r,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert (r["benchmark"], r["mode"], r["batch"], r["steps"], r["dtype"]) == ("throughput", "package", BATCH, STEPS,
+                                                                                "float32")
+    assert r["images_per_s"] > 0 and r["export_s"] >= 0 and r["load_s"] > 0 and r["package"] is None
+    assert set(r["stages_s"]) == set(tp.STAGES) and r["stages_s"]["flow"] > 0 and r["stages_s"]["text_vae"] == 0
+    assert len(made) == 1 and not made[0].exists()  # the temporary package is gone
+
+    # an existing package is timed as it is; one built for other settings is refused, saying which
+    out.unlink()
+    tp.main(common + ["--mode", "package", "--package", str(package)])
+    (r,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert r["export_s"] is None and r["package"] == str(package) and len(made) == 1
+    with pytest.raises(UserError) as e:
+        tp.main([*common, "--mode", "package", "--package", str(package), "--steps", "5"])
+    assert "steps 3, asked for 5" in one_line_error(e)
