@@ -42,6 +42,21 @@ def pipeline_images(pipeline, opts) -> MakeImages:
     return make
 
 
+def package_images(package) -> MakeImages:
+    """An exported package (PackagePipeline) given each image's noise as pipeline_images draws it
+    (one generator per image, [1, 77, 16] fp32): at fp32 image i is the eager path's image i."""
+    import torch
+
+    from flowtok_fast.configs import NUM_TOKENS, TOKEN_CHANNELS
+
+    def make(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        noise = torch.cat([torch.randn((1, NUM_TOKENS, TOKEN_CHANNELS), generator=torch.Generator(package.device).manual_seed(s),
+                                       device=package.device) for s in seeds])
+        return package(prompts, noise=noise)  # fewer prompts than the package batch: padded, padding dropped
+
+    return make
+
+
 def check_manifest(folder: str, settings: dict) -> None:
     """The settings that decide the images, written by the first run; a resumed run must match."""
     path = os.path.join(folder, MANIFEST)

@@ -7,22 +7,26 @@ import os
 import tempfile
 import time
 
+import torch
+
 from flowtok_fast.errors import UserError
 from flowtok_fast.evaluation import distributed as dd
 from flowtok_fast.evaluation import shards as sh
 from flowtok_fast.evaluation.fid_stats import list_images, reference_stats
 from flowtok_fast.evaluation.frechet import frechet_distance_to_features, load_stats
-from flowtok_fast.evaluation.generation import check_manifest, generate_shards, pipeline_images
+from flowtok_fast.evaluation.generation import check_manifest, generate_shards, package_images, pipeline_images
 from flowtok_fast.evaluation.inception import FEATURE_DIM, InceptionFeatures
 from flowtok_fast.evaluation.prompts import load_prompts, write_prompt_list
 from flowtok_fast.evaluation.results import PAPER, prompt_grid, save_png_atomic, write_results
 from flowtok_fast.evaluation.scoring import ShardScorer
 
 GRID_SIZE = 64
+DEFAULT_STEPS, DEFAULT_CFG, DEFAULT_BATCH = 20, 2.0, 64
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model-dir", required=True, help="a flowtok-fast model directory (config.json + model.safetensors)")
+    p.add_argument("--model-dir", help="a flowtok-fast model directory (config.json + model.safetensors); "
+                                       "with --package optional: the package must then come from it")
     p.add_argument("--prompts", required=True, help="captions: one per line, Karpathy dataset_coco.json (COCO-30K) or MJHQ meta_data.json")
     p.add_argument("--reference", required=True, help="reference statistics .npz (mu, sigma) or a folder/.tar of real images")
     p.add_argument("--inception", help="clean-fid's TorchScript inception-2015-12-05.pt (local file; never downloaded)")
@@ -30,13 +34,16 @@ def add_arguments(p) -> None:
     p.add_argument("--clip-model", default="ViT-L-14", help="open_clip model name of --clip")
     p.add_argument("--num-images", type=int, default=30000, help="at most the number of prompts (one prompt per image)")
     p.add_argument("--out", required=True, help="evaluation folder (images/, results.json, results.md, grid.png)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=2.0)
+    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default: {DEFAULT_STEPS}; with --package: the package's)")
+    p.add_argument("--cfg", type=float, default=None, help=f"guidance scale (default: {DEFAULT_CFG}; with --package: the package's)")
     p.add_argument("--seed", type=int, default=0, help="image i uses noise seed f(seed, i); also picks COCO-30K captions")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"images per generator call and per Inception batch (default: {DEFAULT_BATCH}; with --package: the package's batch)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (the unit of resuming)")
     p.add_argument("--format", choices=sh.FORMATS, default="png", help="shards as PNG folders or tars")
-    p.add_argument("--mode", default="eager", help="sampler mode: eager, compile, graph, reduce-overhead")
+    p.add_argument("--mode", default="eager", help="sampler mode: eager, compile, graph, reduce-overhead (not with --package)")
+    p.add_argument("--package", metavar="PKG", help="generate with an exported AOTInductor package (`flowtok-fast export`): "
+                                                   "steps, cfg and batch are the package's")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--no-progress", action="store_true")
 
@@ -62,16 +69,42 @@ def check_reference(reference: str):
     return "images", reference
 
 
+def package_options(args) -> torch.device:
+    """--package's steps / cfg / batch (from its manifest) put into args, and the device to run it
+    on; a conflicting value given on the command line is refused, naming both, before any loading."""
+    from flowtok_fast.deploy import manifest as mf
+
+    if args.mode != "eager":
+        raise UserError(f"--package runs an exported package: leave out --mode {args.mode}")
+    manifest = mf.read(args.package)
+    for flag, name, field in (("--steps", "steps", "steps"), ("--cfg", "cfg", "cfg_scale"), ("--batch-size", "batch_size", "batch")):
+        given, built = getattr(args, name), manifest.get(field)
+        if given is not None and given != built:
+            raise UserError(f"{flag} {given}: package {args.package} was built for {field} {built}: "
+                            f"leave {flag} out or export a package with {given}")
+        setattr(args, name, built)
+    built_device = torch.device(manifest.get("device", "cpu"))
+    return dd.local_device(args.device) if args.device or built_device.type == "cuda" else torch.device("cpu")
+
+
 def run_t2i(args) -> int:
     from flowtok_fast.pipeline import FlowTokPipeline, SamplingOptions
 
     if args.num_images < 2:
         raise UserError(f"--num-images must be at least 2 for FID, got {args.num_images}")
+    if args.package:
+        device = package_options(args)
+    elif not args.model_dir:
+        raise UserError("give --model-dir (a flowtok-fast model directory) or --package (an exported package)")
+    else:
+        device = dd.local_device(args.device)
+        for name, value in (("steps", DEFAULT_STEPS), ("cfg", DEFAULT_CFG), ("batch_size", DEFAULT_BATCH)):
+            if getattr(args, name) is None:
+                setattr(args, name, value)
     for name in ("batch_size", "shard_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     rank, world = dd.rank_world()
-    device = dd.local_device(args.device)
     inception = InceptionFeatures(args.inception, device, args.batch_size)
     kind, reference = check_reference(args.reference)
     clip = None
@@ -80,14 +113,23 @@ def run_t2i(args) -> int:
 
         clip = ClipScorer(args.clip, args.clip_model, device, args.batch_size)
     records = load_prompts(args.prompts, args.num_images, args.seed)
-    opts = SamplingOptions(steps=args.steps, cfg_scale=args.cfg, seed=args.seed)
-    pipeline = FlowTokPipeline.from_pretrained(args.model_dir, device=device, sampler_mode=args.mode)
+    package = None
+    if args.package:  # refused here if damaged, built with another torch / for another device, or from another model
+        from flowtok_fast.deploy.package_pipeline import PackagePipeline
+
+        package = PackagePipeline.load(args.package, device=device, model=args.model_dir)
+        make_images = package_images(package)
+    else:
+        opts = SamplingOptions(steps=args.steps, cfg_scale=args.cfg, seed=args.seed)
+        make_images = pipeline_images(FlowTokPipeline.from_pretrained(args.model_dir, device=device, sampler_mode=args.mode), opts)
     out = writable_folder(args.out)  # last: a bad input above leaves nothing behind
 
     images_dir = os.path.join(out, "images")
-    settings = {"model_dir": os.path.abspath(args.model_dir), "prompts": os.path.abspath(args.prompts),
+    settings = {"model_dir": args.model_dir and os.path.abspath(args.model_dir), "prompts": os.path.abspath(args.prompts),
                 "num_images": len(records), "steps": args.steps, "cfg": args.cfg, "seed": args.seed,
-                "batch_size": args.batch_size, "shard_size": args.shard_size, "format": args.format, "mode": args.mode}
+                "batch_size": args.batch_size, "shard_size": args.shard_size, "format": args.format, "mode": args.mode,
+                "package": args.package and os.path.abspath(args.package),
+                "package_weights_sha256": package.manifest["model"]["weights_sha256"] if package is not None else None}
     dd.init(device)
     if rank == 0:
         os.makedirs(images_dir, exist_ok=True)
@@ -100,7 +142,7 @@ def run_t2i(args) -> int:
     all_shards = sh.plan_shards(len(records), args.shard_size)
     mine = sh.rank_slice(all_shards, rank, world)
     t0 = time.perf_counter()
-    stats = generate_shards(pipeline_images(pipeline, opts), records, images_dir, fmt=args.format,
+    stats = generate_shards(make_images, records, images_dir, fmt=args.format,
                             shard_size=args.shard_size, batch_size=args.batch_size, seed=args.seed,
                             rank=rank, world=world, on_shard=scorer, progress=not args.no_progress)
     stats["shards_rescored"] = scorer.ensure(mine)
