@@ -47,3 +47,35 @@ def test_missing_and_corrupt_inception_files(tmp_path):
     torch.jit.script(torch.nn.Sequential(torch.nn.Linear(3, 3))).save(str(wrong))
     with pytest.raises(UserError):
         InceptionFeatures(str(wrong))([Image.new("RGB", (8, 8))])
+
+
+class _FlatLayers(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], -1)[:, :2048]  # a view that an NHWC (channels_last) tensor refuses
+
+
+class _FlatNetwork(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = _FlatLayers()
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return self.layers(x)
+
+
+def test_a_network_refusing_channels_last_falls_back_to_the_plain_layout(tmp_path):
+    """On a CPU the batch goes in as channels_last (faster convolutions); a network that cannot
+    take that layout still gets the right features, in NCHW order."""
+    import warnings
+
+    path = str(tmp_path / "flat.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(_FlatNetwork()).save(path)
+    ours = InceptionFeatures(path, batch_size=2)
+    assert ours.memory_format == torch.channels_last
+    images = [Image.open(p) for p in random_images(tmp_path, 3)]
+    got = ours(images)
+    assert ours.memory_format == torch.contiguous_format
+    expected = np.stack([((ours.preprocess(im) - 128) / 128).reshape(-1)[:2048].double().numpy() for im in images])
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
