@@ -103,8 +103,10 @@ class FlowTokCaptioner:
             ckpt.load_strict(module, parts[name], f"{directory} [{name}]")
         return cls(config, *modules, **kw)
 
-    def save_pretrained(self, directory: str) -> None:
-        ckpt.save_pretrained(directory, self.config, dict(zip(BUILD_ORDER, (self.tokenizer, self.generator, self.text_decoder))))
+    def save_pretrained(self, directory: str, storage_dtype: str = "float32", vocab_rows=None) -> None:
+        """storage_dtype / vocab_rows: a smaller file (flowtok_fast/compact_storage.py)."""
+        ckpt.save_pretrained(directory, self.config, dict(zip(BUILD_ORDER, (self.tokenizer, self.generator, self.text_decoder))),
+                             storage_dtype, vocab_rows)
 
     def autocast(self):
         if self.dtype == torch.float32:

@@ -227,10 +227,15 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_pretrained(directory: str | os.PathLike, config: FlowTokConfig, components: dict[str, nn.Module]) -> Path:
+def save_pretrained(directory: str | os.PathLike, config: FlowTokConfig, components: dict[str, nn.Module],
+                    storage_dtype: str = "float32", vocab_rows=None) -> Path:
     """Write config.json + model.safetensors. Weights go first; config.json, written last, marks
-    the directory complete, so an interrupted save never looks like a valid model."""
+    the directory complete, so an interrupted save never looks like a valid model.
+    storage_dtype ("bfloat16", "float16") and vocab_rows (the token ids a closed-vocabulary model
+    uses) make the file smaller: flowtok_fast/compact_storage.py; loading undoes both."""
     from safetensors.torch import save_file
+
+    from flowtok_fast import compact_storage
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -242,6 +247,10 @@ def save_pretrained(directory: str | os.PathLike, config: FlowTokConfig, compone
             tensors[f"{name}.{k}"] = v.detach().to("cpu").contiguous()
     # the config travels with the weights too: an edited config.json is caught on load
     meta = {"format": "flowtok-fast", "components": ",".join(components), "config": json.dumps(config.to_dict())}
+    if storage_dtype != "float32" or vocab_rows is not None:
+        buffers = {f"{name}.{k}" for name, module in components.items() for k, _ in module.named_buffers()}
+        tensors, storage = compact_storage.compact(tensors, storage_dtype, vocab_rows, keep_fp32=buffers)
+        meta[compact_storage.META_KEY] = json.dumps(storage)
     cfg_path = directory / CONFIG_FILE
     if cfg_path.exists():
         cfg_path.unlink()  # the directory is incomplete until the new config lands
@@ -262,13 +271,17 @@ def read_pretrained(directory: str | os.PathLike) -> tuple[FlowTokConfig, dict[s
             f"{directory} is not a flowtok-fast model directory: expected {CONFIG_FILE} and {WEIGHTS_FILE} "
             "(make one with `flowtok-fast convert` or `flowtok-fast export-model`)"
         )
+    from flowtok_fast import compact_storage
+
     payload = _read_config_json(cfg_path)
     config = FlowTokConfig.from_dict(payload["config"], source=f"{cfg_path} 'config'")
-    saved = _saved_config(weights)
+    metadata = _header_metadata(weights)
+    saved = _saved_config(metadata, weights)
     if saved is not None:
         _check_same_config(config, saved, cfg_path, weights)
     parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in payload["components"]}
-    for k, v in load_safetensors(weights).items():
+    tensors = compact_storage.expand(load_safetensors(weights), storage_meta(directory, metadata), str(weights))
+    for k, v in tensors.items():
         name, _, rest = k.partition(".")
         if name not in parts:
             raise CheckpointError(f"{weights}: key '{k}' belongs to no listed component {list(parts)}")
@@ -301,14 +314,28 @@ def _read_config_json(path: Path) -> dict:
     return payload
 
 
-def _saved_config(weights: Path) -> FlowTokConfig | None:
+def _header_metadata(weights: Path) -> dict:
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(weights), "pt") as f:
-            meta = f.metadata() or {}
+            return f.metadata() or {}
     except SafetensorError as err:
         raise CheckpointError(f"{weights} is not a readable safetensors file ({err}): truncated or not safetensors?") from None
+
+
+def storage_meta(directory: str | os.PathLike, metadata: dict | None = None) -> dict | None:
+    """How a model directory's weights are stored (compact_storage.compact's record), None if plainly."""
+    from flowtok_fast import compact_storage
+
+    weights = Path(directory) / WEIGHTS_FILE
+    try:
+        return compact_storage.read_meta(_header_metadata(weights) if metadata is None else metadata)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{weights}: the 'storage' metadata is not valid JSON ({err.msg})") from None
+
+
+def _saved_config(meta: dict, weights: Path) -> FlowTokConfig | None:
     if "config" not in meta:
         return None  # written before the config was stored with the weights
     try:

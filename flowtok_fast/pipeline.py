@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from flowtok_fast import checkpoint as ckpt
-from flowtok_fast import flow, ops
+from flowtok_fast import compact_storage, flow, ops
 from flowtok_fast.configs import FlowTokConfig, get_config
 from flowtok_fast.errors import FlowTokWarning, UserError
 from flowtok_fast.models.generator import FlowTokGenerator
@@ -60,6 +60,20 @@ def warn_if_truncated(prompts: list[str]) -> None:
                       stacklevel=3)
 
 
+def warn_if_unknown_words(prompts: list[str], vocabulary: frozenset[int] | None) -> None:
+    """A closed-vocabulary model (the shapes example's) reads words it was never trained on as
+    zeros: say which words, never silently."""
+    if vocabulary is None:
+        return
+    from flowtok_fast.models.text import words_outside
+
+    for prompt in prompts:
+        unknown = words_outside(prompt, vocabulary)
+        if unknown:
+            warnings.warn(FlowTokWarning(f"prompt {prompt[:40]!r}: {', '.join(map(repr, unknown[:5]))} outside this "
+                                         f"model's {len(vocabulary)}-token vocabulary (read as nothing)"), stacklevel=3)
+
+
 class FlowTokPipeline:
     """Holds the three networks in eval mode on one device. bf16 autocast on CUDA, fp32 on CPU
     (override with `dtype`). `fused_kernels=True` switches every op to the Triton kernels."""
@@ -90,6 +104,7 @@ class FlowTokPipeline:
         one_of(sampler_mode, MODES, "sampler mode")
         self.sampler_mode = sampler_mode
         self._fast_samplers = {}
+        self.vocabulary = None  # token ids a closed-vocabulary model knows (compact_storage); None: all
 
     # ------------------------------------------------------------ construction
 
@@ -147,10 +162,14 @@ class FlowTokPipeline:
         tok_sd = ckpt.tokenizer_state_dict(parts["tokenizer"], with_encoder=False)
         ckpt.check_tokenizer_tables(tok_sd, config.tokenizer, f"{directory} [tokenizer]")
         ckpt.load_strict(tok_m, tok_sd, f"{directory} [tokenizer]")
-        return cls(config, clip_m, gen_m, tok_m, **kw)
+        pipe = cls(config, clip_m, gen_m, tok_m, **kw)
+        pipe.vocabulary = compact_storage.vocabulary_of(ckpt.storage_meta(directory))
+        return pipe
 
-    def save_pretrained(self, directory: str) -> None:
-        ckpt.save_pretrained(directory, self.config, {"generator": self.generator, "tokenizer": self.tokenizer, "clip": self.clip})
+    def save_pretrained(self, directory: str, storage_dtype: str = "float32", vocab_rows=None) -> None:
+        """storage_dtype / vocab_rows: a smaller file (flowtok_fast/compact_storage.py)."""
+        ckpt.save_pretrained(directory, self.config, {"generator": self.generator, "tokenizer": self.tokenizer, "clip": self.clip},
+                             storage_dtype, vocab_rows)
 
     def set_fused_kernels(self, enabled: bool) -> None:
         impl = "triton" if enabled else "reference"
@@ -211,6 +230,7 @@ class FlowTokPipeline:
         prompts = check_prompts(prompts)
         one_of(output, OUTPUT_KINDS, "output kind")
         warn_if_truncated(prompts)
+        warn_if_unknown_words(prompts, self.vocabulary)
         feats = self.encode_text(prompts)
         z_text = self.text_latents(feats, self.generator_rng(opts.seed))
         images = self.decode(self.flow(z_text, opts, progress), feats)

@@ -343,10 +343,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/shapes", help="output directory")
     parser.add_argument("--directions", nargs="+", choices=("t2i", "i2t"), default=None, help="default: the config's")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the config's)")
+    parser.add_argument("--images", type=int, metavar="N", help="only draw N ground-truth images (and captions.txt) "
+                        "into --out to caption, e.g. with examples/shapes/models/i2t; no training")
+    parser.add_argument("--split", default="new", help="with --images: new (default), held_out or train")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. t2i.steps=100 tokenizer.lr=2e-3")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides, args.directions)  # every stage's keys and values, before any work
+    if args.images is not None:
+        from examples.shapes.draw import draw_images
+
+        written = draw_images(cfg, args.images, args.split, Path(args.out))
+        print(f"{len(written)} {args.split}-split images and captions.txt in {args.out}; caption them with: flowtok-fast "
+              f"caption {Path(args.out) / written[0][0]} --model-dir examples/shapes/models/i2t")
+        return 0
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads {args.threads}: expected an integer >= 1")
     directions = args.directions or cfg.get("directions", ["t2i", "i2t"])

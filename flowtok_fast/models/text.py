@@ -110,6 +110,13 @@ def overlong_prompts(prompts: list[str]) -> list[tuple[str, int]]:
     return [(p, n) for p, n in counts if n > NUM_TOKENS - 2]
 
 
+def words_outside(prompt: str, vocabulary: frozenset[int]) -> list[str]:
+    """The prompt's words (BPE pieces joined back) with a token id outside `vocabulary`."""
+    tokenize([""])  # loads the shared tokenizer
+    ids = _TOKENIZER.encode(prompt)[: NUM_TOKENS - 2]
+    return [_TOKENIZER.decode([t]).strip() for t in ids if t not in vocabulary]
+
+
 # ---------------------------------------------------------------- text VAE (context_encoder)
 
 
