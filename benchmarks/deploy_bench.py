@@ -30,26 +30,43 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red bicycle by a lake", "two cats on a sofa", "a lighthouse at dusk", "a bowl of fruit"]
 
-CHILD_COMPILE = """
-import sys, torch
+# each child prints where its time went (the interpreter's own start is the wall time minus these);
+# the text tokenizer is loaded with the imports, the same in both
+CHILD_IMPORTS = """
+import time; t0 = time.perf_counter()
+import json, torch
+from flowtok_fast.models.text import tokenize
+tokenize(["warm"])
+torch.set_num_threads({threads})
+t1 = time.perf_counter()
+"""
+CHILD_COMPILE = CHILD_IMPORTS + """
 from flowtok_fast.pipeline import FlowTokPipeline
 from flowtok_fast.deploy.dtype import DTYPES
-torch.set_num_threads({threads})
 pipe = FlowTokPipeline.random({config!r}, device="cpu", sampler_mode="compile", dtype=DTYPES[{dtype!r}])
+t2 = time.perf_counter()
 pipe({prompts!r}, steps={steps}, cfg_scale={cfg}, seed=0)
+t3 = time.perf_counter()
+print(json.dumps({{"imports_s": t1 - t0, "model_s": t2 - t1, "first_image_s": t3 - t2}}))
 """
-CHILD_PACKAGE = """
-import torch
+CHILD_PACKAGE = CHILD_IMPORTS + """
 from flowtok_fast.deploy.package_pipeline import PackagePipeline
-torch.set_num_threads({threads})
-PackagePipeline.load({package!r})({prompts!r}, seed=0)
+pipe = PackagePipeline.load({package!r})
+t2 = time.perf_counter()
+pipe({prompts!r}, seed=0)
+t3 = time.perf_counter()
+print(json.dumps({{"imports_s": t1 - t0, "load_s": t2 - t1, "first_image_s": t3 - t2}}))
 """
 
 
-def cold_start(code: str, env: dict) -> float:
+def cold_start(code: str, env: dict) -> dict:
+    """{"total_s": spawn -> exit, and the child's own phases}."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t0
+    done = subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    total = time.perf_counter() - t0
+    phases = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"total_s": round(total, 2), **{k: round(v, 2) for k, v in phases.items()},
+            "interpreter_s": round(total - sum(phases.values()), 2)}
 
 
 def load_average() -> float | None:
@@ -104,7 +121,11 @@ def main(argv=None) -> int:
     p.add_argument("--flow", default="step", choices=("step", "loop"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--no-cold-start", action="store_true", help="steady state only (no child processes)")
+    p.add_argument("--cold", choices=("all", "package", "none"), default="all",
+                   help="cold starts to measure: package and compile (empty and warm inductor cache), package only, none")
+    p.add_argument("--no-cold-start", dest="cold", action="store_const", const="none", help="same as --cold none")
+    p.add_argument("--no-steady-state", action="store_true", help="leave the steady-state comparison out")
+    p.add_argument("--keep-package", help="export into this directory and keep it; reused when it holds a package")
     p.add_argument("--no-reference", action="store_true", help="leave the eager fp32 reference sampler out")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
@@ -122,48 +143,62 @@ def main(argv=None) -> int:
     prompts = PROMPTS[: args.batch] if args.batch <= len(PROMPTS) else [PROMPTS[0]] * args.batch
     settings = dict(config=args.config, threads=args.threads, steps=args.steps, cfg=args.cfg, prompts=prompts,
                     dtype=dtype_name(dtype))
-    loads = {"start": load_average()}
+    loads, started_at = {"start": load_average()}, commit()  # the code measured: HEAD when the run starts
     with tempfile.TemporaryDirectory() as tmp:
-        pkg = Path(tmp) / "pkg"
+        pkg = Path(args.keep_package or Path(tmp) / "pkg")
         compiled = FlowTokPipeline.random(args.config, device="cpu", sampler_mode="compile", dtype=dtype)
-        t0 = time.perf_counter()
-        export_package(compiled, pkg, args.batch, args.steps, args.cfg, dtype=dtype, flow_mode=args.flow)
-        export_s = time.perf_counter() - t0
+        export_s = None
+        if (pkg / "manifest.json").is_file():  # --keep-package from an earlier run: checked, not rebuilt
+            PackagePipeline.load(pkg, batch=args.batch, dtype=dtype).check_options(steps=args.steps, cfg_scale=args.cfg)
+            print(f"export: reusing {pkg}", flush=True)
+        else:
+            t0 = time.perf_counter()
+            export_package(compiled, pkg, args.batch, args.steps, args.cfg, dtype=dtype, flow_mode=args.flow)
+            export_s = time.perf_counter() - t0
+            print(f"export: {export_s:.1f} s", flush=True)
         loads["export"] = load_average()
-        print(f"export: {export_s:.1f} s", flush=True)
+        sizes = {f.name: f.stat().st_size for f in sorted(pkg.iterdir())}
 
         cold = None
-        if not args.no_cold_start:
+        if args.cold != "none":
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
             fresh = dict(env, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / "inductor-cache"))
-            cold = {"compile_s": cold_start(CHILD_COMPILE.format(**settings), fresh),
-                    "compile_warm_cache_s": cold_start(CHILD_COMPILE.format(**settings), fresh),
-                    "package_s": cold_start(CHILD_PACKAGE.format(package=str(pkg), **settings), env)}
-            cold["package_speedup"] = cold["compile_s"] / cold["package_s"]
+            cold = {"package": cold_start(CHILD_PACKAGE.format(package=str(pkg), **settings), env)}
+            if args.cold == "all":
+                cold["compile"] = cold_start(CHILD_COMPILE.format(**settings), fresh)
+                cold["compile_warm_cache"] = cold_start(CHILD_COMPILE.format(**settings), fresh)
+                cold["package_speedup"] = cold["compile"]["total_s"] / cold["package"]["total_s"]
+                cold["package_speedup_vs_warm_cache"] = cold["compile_warm_cache"]["total_s"] / cold["package"]["total_s"]
             loads["cold_start"] = load_average()
-            print(f"cold start (process start -> first image): compile {cold['compile_s']:.1f} s "
-                  f"(warm inductor cache {cold['compile_warm_cache_s']:.1f} s), package {cold['package_s']:.1f} s: "
-                  f"{cold['package_speedup']:.1f}x", flush=True)
-
-        # the reference sampler on the same weights: eager flow.sample, reference ops, fp32
-        reference = None if args.no_reference else FlowTokPipeline(
-            compiled.config, compiled.clip, compiled.generator, compiled.tokenizer, device="cpu", dtype=torch.float32)
-        steady = steady_state(compiled, PackagePipeline.load(pkg), reference, prompts, args.steps, args.cfg,
-                              args.repeats)
-        loads["steady_state"] = load_average()
-        ips = steady["images_per_s"]
-        line = (f"steady state: compiled {ips['compiled']:.3g} images/s, package {ips['package']:.3g} images/s: "
-                f"package/compiled = {steady['package_vs_compiled']:.2f}x")
-        if reference is not None:
-            line += (f"; reference sampler (eager fp32) {ips['reference']:.3g} images/s: "
-                     f"package/reference = {steady['package_vs_reference']:.2f}x")
-        print(line, flush=True)
+            for name in ("package", "compile", "compile_warm_cache"):
+                if name in cold:
+                    print(f"cold start {name}: {cold[name]}", flush=True)
+            if args.cold == "all":
+                print(f"cold start (process start -> first image): package {cold['package_speedup']:.1f}x faster "
+                      f"than compile with an empty inductor cache, {cold['package_speedup_vs_warm_cache']:.1f}x "
+                      "than with a warm one", flush=True)
+        if args.no_steady_state:
+            steady = None
+        else:
+            # the reference sampler on the same weights: eager flow.sample, reference ops, fp32
+            reference = None if args.no_reference else FlowTokPipeline(
+                compiled.config, compiled.clip, compiled.generator, compiled.tokenizer, device="cpu", dtype=torch.float32)
+            steady = steady_state(compiled, PackagePipeline.load(pkg), reference, prompts, args.steps, args.cfg,
+                                  args.repeats)
+            loads["steady_state"] = load_average()
+            ips = steady["images_per_s"]
+            line = (f"steady state: compiled {ips['compiled']:.3g} images/s, package {ips['package']:.3g} images/s: "
+                    f"package/compiled = {steady['package_vs_compiled']:.2f}x")
+            if reference is not None:
+                line += (f"; reference sampler (eager fp32) {ips['reference']:.3g} images/s: "
+                         f"package/reference = {steady['package_vs_reference']:.2f}x")
+            print(line, flush=True)
     result = {"settings": {**settings, "batch": args.batch, "flow": args.flow, "repeats": args.repeats,
                            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                           "cpu_native_bf16": cpu_has_native_bf16(), "commit": commit(),
+                           "cpu_native_bf16": cpu_has_native_bf16(), "commit": started_at,
                            "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
                            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-              "export_s": export_s, "cold_start": cold, "steady_state": steady, "load_1min": loads}
+              "export_s": export_s, "package_bytes": sizes, "cold_start": cold, "steady_state": steady, "load_1min": loads}
     print(json.dumps(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
