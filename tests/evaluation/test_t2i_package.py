@@ -2,8 +2,9 @@
 path's image i (per-image seeds, whatever the batching), its steps / cfg / batch come from the
 package, and a conflicting option is a one-line error that leaves nothing behind.
 
-One package (tiny, batch 2, 2 steps, fp32, CPU) is exported for this module: AOTInductor
-compiles C++ for each stage, so the fixture costs tens of CPU-seconds."""
+One package (tiny, batch 2, 3 steps, fp32, CPU: test_deploy.py's model and settings, so a warm
+Inductor cache serves both) is exported for this module: AOTInductor compiles C++ for each stage,
+so the fixture costs tens of CPU-seconds."""
 import json
 import os
 
@@ -15,7 +16,7 @@ from PIL import Image
 from flowtok_fast.evaluation import cli
 from tests.evaluation.tiny_inception import save_tiny_inception
 
-BATCH, STEPS, CFG = 2, 2, 2.0
+BATCH, STEPS, CFG = 2, 3, 2.0
 NUM = 5
 
 
@@ -104,7 +105,7 @@ def test_package_gives_image_i_the_eager_image_i_in_latent_space(files):
 
 
 @pytest.mark.parametrize("over,expected", [  # both values named: the one asked for and the package's
-    ({"--steps": "3"}, ("--steps 3: package", "built for steps 2")),
+    ({"--steps": "4"}, ("--steps 4: package", "built for steps 3")),
     ({"--cfg": "1.5"}, ("--cfg 1.5: package", "built for cfg_scale 2.0")),
     ({"--batch-size": "4"}, ("--batch-size 4: package", "built for batch 2")),
     ({"--mode": "compile"}, ("leave out --mode compile",)),
