@@ -129,7 +129,8 @@ def run_t2i(args) -> int:
                 "num_images": len(records), "steps": args.steps, "cfg": args.cfg, "seed": args.seed,
                 "batch_size": args.batch_size, "shard_size": args.shard_size, "format": args.format, "mode": args.mode,
                 "package": args.package and os.path.abspath(args.package),
-                "package_weights_sha256": package.manifest["model"]["weights_sha256"] if package is not None else None}
+                "package_weights_sha256": package.manifest["model"]["weights_sha256"] if package is not None else None,
+                "package_dtype": package.manifest["dtype"] if package is not None else None}
     dd.init(device)
     if rank == 0:
         os.makedirs(images_dir, exist_ok=True)

@@ -72,7 +72,7 @@ def test_package_images_equal_eager_images(files, tmp_path):
     assert cli.main(t2i_args(files, packaged, **{"--package": files["pkg"], "--model-dir": files["model"]})) == 0
     settings = json.loads((packaged / "results.json").read_text())["settings"]
     assert (settings["steps"], settings["cfg"], settings["batch_size"]) == (STEPS, CFG, BATCH)
-    assert settings["package"] == os.path.abspath(files["pkg"]) and len(settings["package_weights_sha256"]) == 64
+    assert settings["package"] == os.path.abspath(files["pkg"]) and len(settings["package_weights_sha256"]) == 64 and settings["package_dtype"] == "fp32"
     for i in range(NUM):  # eager batches of 3 vs package batches of 2 (the last one padded)
         assert np.abs(pixels(eager, i) - pixels(packaged, i)).max() <= 1, f"image {i}"
     fid = [json.loads((d / "results.json").read_text())["fid"] for d in (eager, packaged)]
