@@ -115,7 +115,7 @@ def write_card(path: Path, q: dict, run: dict) -> None:
         f"{q['points_from_fp32']['float16']:.2f} points (allowed: {q['tolerance_points']}); the closer one is shipped.",
         "",
         "Protocol `ci` (what `tests/test_shipped_models.py` re-measures on every CI run and requires within",
-        "3 points of): 64 new-split prompts and the first 64 new-split evaluation images, shipped weights.",
+        "3 points of): 66 new-split prompts (t2i, batches of 6) and the first 64 new-split evaluation images (i2t).",
         "",
         "| weights | direction | split (count) | colour | shape |",
         "|---|---|---|---|---|",
