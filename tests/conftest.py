@@ -5,3 +5,35 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a model hub: tests use local files only
+
+import pytest  # noqa: E402
+
+# One exported package for the whole session (tests/test_deploy.py, tests/evaluation/test_t2i_package.py):
+# AOTInductor compiles C++ for each stage, ~75 CPU-seconds, so it is made once.
+PACKAGE_BATCH, PACKAGE_STEPS, PACKAGE_CFG = 2, 3, 2.0
+
+
+@pytest.fixture(scope="session")
+def flowing_tiny_pipeline():
+    """The tiny random model, with DiT's zero-initialised layers (adaLN, output) made random too:
+    otherwise the velocity is 0 and the flow stage (and the noise) would not be tested at all."""
+    import torch
+
+    from flowtok_fast.pipeline import FlowTokPipeline
+
+    pipe = FlowTokPipeline.random("tiny", seed=0, device="cpu")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in pipe.generator.parameters():
+            if p.numel() > 1 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_package(flowing_tiny_pipeline, tmp_path_factory):
+    """flowing_tiny_pipeline exported (fp32, CPU); tests copy it before damaging it."""
+    from flowtok_fast.deploy.export import export_package
+
+    out = tmp_path_factory.mktemp("deploy") / "pkg"
+    return export_package(flowing_tiny_pipeline, out, PACKAGE_BATCH, PACKAGE_STEPS, PACKAGE_CFG, progress=False)

@@ -1,8 +1,8 @@
 """Deployment packages (flowtok_fast/deploy): export -> load -> generate equals the eager pipeline,
 the C++ runner writes the same images, and every refusal is a one-line UserError.
 
-One package (tiny, batch 2, 3 steps, fp32, CPU) is compiled once per session: AOTInductor
-compiles C++ for each stage, so this file costs ~1-2 CPU-minutes, most of it in that fixture."""
+One package (tiny, batch 2, 3 steps, fp32, CPU: tests/conftest.py's tiny_package) is compiled once
+per session: AOTInductor compiles C++ for each stage, ~1-2 CPU-minutes, most of this file's cost."""
 from __future__ import annotations
 
 import json
@@ -21,27 +21,19 @@ from flowtok_fast.deploy.package_pipeline import PackagePipeline
 from flowtok_fast.errors import UserError
 from flowtok_fast.pipeline import FlowTokPipeline
 
-BATCH, STEPS, CFG = 2, 3, 2.0
+from tests.conftest import PACKAGE_BATCH as BATCH, PACKAGE_CFG as CFG, PACKAGE_STEPS as STEPS
+
 PROMPTS = ["a red bicycle by a lake", "two cats"]
 
 
 @pytest.fixture(scope="session")
-def eager():
-    """The tiny random model, with DiT's zero-initialised layers (adaLN, output) made random too:
-    otherwise the velocity is 0 and the flow stage would not be tested at all."""
-    pipe = FlowTokPipeline.random("tiny", seed=0, device="cpu")
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in pipe.generator.parameters():
-            if p.numel() > 1 and not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return pipe
+def eager(flowing_tiny_pipeline):
+    return flowing_tiny_pipeline
 
 
 @pytest.fixture(scope="session")
-def package(eager, tmp_path_factory):
-    out = tmp_path_factory.mktemp("deploy") / "pkg"
-    return export_package(eager, out, BATCH, STEPS, CFG, progress=False)
+def package(tiny_package):
+    return tiny_package
 
 
 @pytest.fixture(scope="session")

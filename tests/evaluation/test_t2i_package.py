@@ -2,9 +2,8 @@
 path's image i (per-image seeds, whatever the batching), its steps / cfg / batch come from the
 package, and a conflicting option is a one-line error that leaves nothing behind.
 
-One package (tiny, batch 2, 3 steps, fp32, CPU: test_deploy.py's model and settings, so a warm
-Inductor cache serves both) is exported for this module: AOTInductor compiles C++ for each stage,
-so the fixture costs tens of CPU-seconds."""
+The package is the session's (tests/conftest.py's tiny_package, shared with test_deploy.py: tiny,
+batch 2, 3 steps, fp32, CPU), exported once: AOTInductor compiles C++ for each stage."""
 import json
 import os
 
@@ -16,7 +15,7 @@ from PIL import Image
 from flowtok_fast.evaluation import cli
 from tests.evaluation.tiny_inception import save_tiny_inception
 
-BATCH, STEPS, CFG = 2, 3, 2.0
+from tests.conftest import PACKAGE_BATCH as BATCH, PACKAGE_CFG as CFG, PACKAGE_STEPS as STEPS  # noqa: F401
 NUM = 5
 
 
@@ -35,20 +34,16 @@ def random_model(seed: int):
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    from flowtok_fast.deploy.export import export_package
-
+def files(tmp_path_factory, flowing_tiny_pipeline, tiny_package):
     root = tmp_path_factory.mktemp("t2i-package")
-    pipe = random_model(0)
-    pipe.save_pretrained(str(root / "model"))
+    flowing_tiny_pipeline.save_pretrained(str(root / "model"))  # the package's source model
     random_model(5).save_pretrained(str(root / "other-model"))
-    export_package(pipe, root / "pkg", BATCH, STEPS, CFG, progress=False)
     (root / "ref").mkdir()
     for i in range(3):
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / "ref" / f"{i}.png")
     # one prompt for every image: two images differ only through their seeds
     (root / "prompts.txt").write_text("\n".join(["a red bicycle by a lake"] * NUM))
-    return {"root": root, "model": str(root / "model"), "other": str(root / "other-model"), "pkg": str(root / "pkg"),
+    return {"root": root, "model": str(root / "model"), "other": str(root / "other-model"), "pkg": str(tiny_package),
             "inception": save_tiny_inception(root / "inception.pt"), "prompts": str(root / "prompts.txt"),
             "ref": str(root / "ref")}
 
