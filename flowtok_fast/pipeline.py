@@ -71,7 +71,7 @@ def warn_if_unknown_words(prompts: list[str], vocabulary: frozenset[int] | None)
         unknown = words_outside(prompt, vocabulary)
         if unknown:
             warnings.warn(FlowTokWarning(f"prompt {prompt[:40]!r}: {', '.join(map(repr, unknown[:5]))} outside this "
-                                         f"model's {len(vocabulary)}-token vocabulary (read as nothing)"), stacklevel=3)
+                                         f"model's {len(vocabulary)}-token vocabulary (read as a blank: the model never saw it)"), stacklevel=3)
 
 
 class FlowTokPipeline:

@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
 
         written = draw_images(cfg, args.images, args.split, Path(args.out))
         print(f"{len(written)} {args.split}-split images and captions.txt in {args.out}; caption them with: flowtok-fast "
-              f"caption {Path(args.out) / written[0][0]} --model-dir examples/shapes/models/i2t")
+              f"caption {Path(args.out) / '*.png'} --model-dir examples/shapes/models/i2t --steps 25")
         return 0
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads {args.threads}: expected an integer >= 1")

@@ -1,4 +1,5 @@
-"""Serve tests: one tiny random-weights pipeline (and captioner) for the whole session, and real
+"""Serve tests: one tiny random-weights pipeline (and captioner) for the whole session, the shipped
+shapes models for the browser test, and real
 uvicorn servers on 127.0.0.1 in background threads (real sockets: concurrency, disconnects)."""
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -23,6 +25,21 @@ def tiny_engine():
 
     torch.set_num_threads(1)  # the CI machine has 2 cores; tests run several servers side by side
     return ImageEngine(FlowTokPipeline.random("tiny", seed=0), FlowTokCaptioner.random("tiny", seed=1))
+
+
+@pytest.fixture(scope="session")
+def shapes_engine():
+    """The trained shapes models in the box (examples/shapes/models): real images a test can score."""
+    import torch
+
+    from flowtok_fast.captioning import FlowTokCaptioner
+    from flowtok_fast.pipeline import FlowTokPipeline
+    from flowtok_fast.serve.engine import ImageEngine
+
+    torch.set_num_threads(1)
+    models = Path(__file__).resolve().parents[2] / "examples" / "shapes" / "models"
+    return ImageEngine(FlowTokPipeline.from_pretrained(str(models / "t2i")),
+                       FlowTokCaptioner.from_pretrained(str(models / "i2t")))
 
 
 def free_port() -> int:

@@ -1,5 +1,6 @@
 """The web page in a real headless browser (Debian's chromium + chromium-driver, driven by Selenium):
-type a prompt, press Generate, an image appears; the screenshot is saved and its path printed.
+type a prompt, press Generate, an image appears and it shows what the prompt says (the shipped
+shapes model, scored by the example's evaluator); the screenshot is saved and its path printed.
 
 Setup installs the browser with apt-get when it is missing and this runs as root; the test is
 skipped, with the reason, only where no browser can be installed (no apt-get, not root, offline)."""
@@ -11,7 +12,18 @@ import subprocess
 
 import pytest
 
+from examples.shapes.evaluate import score_image
 from tests.serve.conftest import make_state, running_server
+
+
+def png_pixels(data_url: str):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB"))
 
 
 def find_or_install_browser() -> tuple[str, str]:
@@ -31,7 +43,10 @@ def find_or_install_browser() -> tuple[str, str]:
     return browser, driver
 
 
-def test_page_generates_an_image_in_headless_chromium(tiny_engine, tmp_path_factory):
+PROMPT = "a red circle above a blue square"
+
+
+def test_page_generates_an_image_in_headless_chromium(shapes_engine, tmp_path_factory):
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in requirements.txt: pip install it")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -42,18 +57,22 @@ def test_page_generates_an_image_in_headless_chromium(tiny_engine, tmp_path_fact
     options.binary_location = browser
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1000,800"):
         options.add_argument(flag)
-    with running_server(make_state(tiny_engine, buckets=(1, 4), max_wait_ms=5)) as url:
+    with running_server(make_state(shapes_engine, buckets=(1, 4), max_wait_ms=5)) as url:
         driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
         try:
             driver.get(url + "/")
-            driver.find_element(By.ID, "prompt").send_keys("a red cube on a blue table")
-            steps = driver.find_element(By.ID, "steps")
-            steps.clear()
-            steps.send_keys("2")
+            driver.find_element(By.ID, "prompt").send_keys(PROMPT)
+            for field, value in (("steps", "25"), ("cfg", "1")):  # the shapes model's settings (MODEL_CARD.md)
+                box = driver.find_element(By.ID, field)
+                box.clear()
+                box.send_keys(value)
             driver.find_element(By.ID, "generate").click()
             image = WebDriverWait(driver, 60).until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#images img.result")))
-            assert image.get_attribute("src").startswith("data:image/png;base64,")
-            assert driver.execute_script("return arguments[0].naturalWidth", image) == tiny_engine.resolution
+            src = image.get_attribute("src")
+            assert src.startswith("data:image/png;base64,")
+            assert driver.execute_script("return arguments[0].naturalWidth", image) == shapes_engine.resolution
+            score = score_image(png_pixels(src), PROMPT)
+            assert score.both_correct == 2, f"the page's image does not show {PROMPT!r}: {score}"
             assert "flow" in driver.find_element(By.ID, "timing").text  # the stage times are shown
             assert driver.find_element(By.ID, "error").text == ""
             shot = tmp_path_factory.mktemp("serve_browser") / "serve_page.png"
