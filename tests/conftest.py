@@ -13,21 +13,26 @@ import pytest  # noqa: E402
 PACKAGE_BATCH, PACKAGE_STEPS, PACKAGE_CFG = 2, 3, 2.0
 
 
-@pytest.fixture(scope="session")
-def flowing_tiny_pipeline():
-    """The tiny random model, with DiT's zero-initialised layers (adaLN, output) made random too:
-    otherwise the velocity is 0 and the flow stage (and the noise) would not be tested at all."""
+def flowing_tiny(seed: int = 0):
+    """The tiny random model, with DiT's zero-initialised layers (adaLN, output) made random too
+    (from seed + 1): otherwise the velocity is 0 and the flow stage (and the noise) would not be
+    tested at all."""
     import torch
 
     from flowtok_fast.pipeline import FlowTokPipeline
 
-    pipe = FlowTokPipeline.random("tiny", seed=0, device="cpu")
-    gen = torch.Generator().manual_seed(1)
+    pipe = FlowTokPipeline.random("tiny", seed=seed, device="cpu")
+    gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in pipe.generator.parameters():
             if p.numel() > 1 and not p.any():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def flowing_tiny_pipeline():
+    return flowing_tiny(0)
 
 
 @pytest.fixture(scope="session")

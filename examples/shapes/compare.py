@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -57,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if first is None else 1
 
 
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as err:
-        print(f"examples.shapes.compare: error: {err}", file=sys.stderr)
-        sys.exit(2)
+if __name__ == "__main__":  # the package's error boundary: bad input is one line and exit code 2
+    from flowtok_fast.cli_errors import run
+
+    sys.exit(run("example shapes compare", main, debug=bool(os.environ.get("FLOWTOK_DEBUG"))))

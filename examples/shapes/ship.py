@@ -133,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as err:
-        print(f"python -m examples.shapes.ship: error: {err}", file=sys.stderr)
-        sys.exit(2)
+if __name__ == "__main__":  # the package's error boundary: bad input is one line and exit code 2
+    from flowtok_fast.cli_errors import run
+
+    sys.exit(run("example shapes ship", main, debug=bool(os.environ.get("FLOWTOK_DEBUG"))))

@@ -16,28 +16,15 @@ from flowtok_fast.evaluation import cli
 from tests.evaluation.tiny_inception import save_tiny_inception
 
 from tests.conftest import PACKAGE_BATCH as BATCH, PACKAGE_CFG as CFG, PACKAGE_STEPS as STEPS  # noqa: F401
+from tests.conftest import flowing_tiny
 NUM = 5
-
-
-def random_model(seed: int):
-    """The tiny random model with DiT's zero-initialised layers made random too: otherwise the
-    velocity is 0 and the flow (and so the noise) would not reach the images."""
-    from flowtok_fast.pipeline import FlowTokPipeline
-
-    pipe = FlowTokPipeline.random("tiny", seed=seed, device="cpu")
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in pipe.generator.parameters():
-            if p.numel() > 1 and not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return pipe
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, flowing_tiny_pipeline, tiny_package):
     root = tmp_path_factory.mktemp("t2i-package")
     flowing_tiny_pipeline.save_pretrained(str(root / "model"))  # the package's source model
-    random_model(5).save_pretrained(str(root / "other-model"))
+    flowing_tiny(5).save_pretrained(str(root / "other-model"))
     (root / "ref").mkdir()
     for i in range(3):
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / "ref" / f"{i}.png")

@@ -1,8 +1,10 @@
 """Training runs lose nothing: Ctrl-C saves (a second one aborts), a kill -9 leaves metrics and
 checkpoints that a resumed run makes consistent, and the data's skip counts survive resumes.
 
-The interrupted runs are `flowtok-fast train` (its main()) in a forked child: the real entry point
-and signal handling, without paying for a fresh interpreter's imports."""
+The interrupted runs are `flowtok-fast train` (its main()) in a child forked from a forkserver that
+has imported it once: the real entry point and signal handling, without a fresh interpreter's
+imports per child, and without forking this test process (after other tests, its autograd and
+compiler threads make a forked child refuse to run autograd)."""
 import json
 import multiprocessing
 import os
@@ -37,9 +39,13 @@ def _cli_child(argv: list[str], stderr_path: str) -> None:
     os._exit(rc)
 
 
+_CONTEXT = multiprocessing.get_context("forkserver")
+_CONTEXT.set_forkserver_preload(["flowtok_fast.train.__main__", "tests.train.test_run_recovery"])
+
+
 def _start(out: Path, *overrides: str):
     argv = [str(CONFIGS / "tiny.yaml"), f"output_dir={out}", *FAST, *overrides]
-    child = multiprocessing.get_context("fork").Process(target=_cli_child, args=(argv, str(out.parent / "stderr.txt")))
+    child = _CONTEXT.Process(target=_cli_child, args=(argv, str(out.parent / "stderr.txt")))
     child.start()
     return child
 
