@@ -42,3 +42,16 @@ def tiny_package(flowing_tiny_pipeline, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("deploy") / "pkg"
     return export_package(flowing_tiny_pipeline, out, PACKAGE_BATCH, PACKAGE_STEPS, PACKAGE_CFG, progress=False)
+
+
+def run_cli(argv, capsys):
+    """`flowtok-fast ARGV` in-process: (exit code, stdout, stderr)."""
+    from flowtok_fast import cli
+
+    try:
+        cli.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -16,18 +16,9 @@ from PIL import Image
 
 from flowtok_fast import cli
 from flowtok_fast.errors import FlowTokWarning, UserError
+from tests.conftest import run_cli
 
 RANDOM = ["--random-weights", "--config", "tiny", "--device", "cpu"]
-
-
-def run_cli(argv, capsys):
-    try:
-        cli.main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def error_lines(err: str) -> list[str]:

@@ -21,6 +21,7 @@ from flowtok_fast.deploy.package_pipeline import PackagePipeline
 from flowtok_fast.errors import UserError
 from flowtok_fast.pipeline import FlowTokPipeline
 
+from tests.conftest import run_cli
 from tests.conftest import PACKAGE_BATCH as BATCH, PACKAGE_CFG as CFG, PACKAGE_STEPS as STEPS
 
 PROMPTS = ["a red bicycle by a lake", "two cats"]
@@ -309,20 +310,9 @@ def test_tokenize_writes_the_runners_inputs(eager, tmp_path):
     assert "10 bytes of noise, expected 9856" in one_line_error(e)
 
 
-def _cli(argv, capsys):
-    from flowtok_fast import cli
-
-    try:
-        cli.main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return (code, *capsys.readouterr())
-
-
 def test_generate_from_package_equals_eager(eager, package, tmp_path, capsys):
     out = tmp_path / "grid.png"
-    code, _, err = _cli(["generate", "--package", str(package), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+    code, _, err = run_cli(["generate", "--package", str(package), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
                          "--seed", "5", "--out", str(out), "--save-individual", "--threads", "1"], capsys)
     assert code == 0, err
     want = eager(PROMPTS, steps=STEPS, cfg_scale=CFG, seed=5)
@@ -334,7 +324,7 @@ def test_generate_from_package_equals_eager(eager, package, tmp_path, capsys):
 @pytest.mark.parametrize("extra, needle", [(["--steps", "7"], "steps"), (["--random-weights"], "--random-weights"),
                                            (["--batch-size", "3"], "batch")])
 def test_generate_package_refusals_are_one_line(package, tmp_path, capsys, extra, needle):
-    code, _, err = _cli(["generate", "--package", str(package), "--prompt", "a cat", "--out", str(tmp_path / "g.png"),
+    code, _, err = run_cli(["generate", "--package", str(package), "--prompt", "a cat", "--out", str(tmp_path / "g.png"),
                          *extra], capsys)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err

@@ -16,6 +16,7 @@ from examples.shapes import evaluate as E
 from examples.shapes import quality as Q
 from flowtok_fast.captioning import FlowTokCaptioner
 from flowtok_fast.pipeline import FlowTokPipeline
+from tests.conftest import run_cli
 
 MODELS = Path(__file__).resolve().parents[1] / "examples" / "shapes" / "models"
 QUALITY = json.loads((MODELS / "quality.json").read_text())
@@ -91,25 +92,22 @@ def test_i2t():
     assert abs(grammatical - shipped["grammatical"]) * 100 <= POINTS, (grammatical, shipped["grammatical"])
 
 
-def run_cli(argv):
-    from flowtok_fast.cli import main
-
-    try:
-        main(argv)
-    except SystemExit as done:
-        assert done.code in (0, None), f"flowtok-fast {' '.join(argv)}: exit {done.code}"
+def succeeds(argv, capsys) -> str:
+    """`flowtok-fast ARGV` in-process; its stdout, once it exits 0."""
+    code, out, err = run_cli(argv, capsys)
+    assert code in (0, None), f"flowtok-fast {' '.join(argv)}: exit {code}: {err}"
+    return out
 
 
 def test_readme_commands(tmp_path, monkeypatch, capsys):
     """The README's first example: generate with the shipped t2i model, draw ground truth, caption it."""
     monkeypatch.chdir(tmp_path)
-    run_cli(["generate", "--model-dir", str(MODELS / "t2i"), "--prompt", "a red circle above a blue square",
-             "--steps", str(Q.STEPS), "--cfg", str(Q.CFG_SCALE), "--out", "grid.png"])
+    succeeds(["generate", "--model-dir", str(MODELS / "t2i"), "--prompt", "a red circle above a blue square",
+             "--steps", str(Q.STEPS), "--cfg", str(Q.CFG_SCALE), "--out", "grid.png"], capsys)
     assert os.path.getsize(tmp_path / "grid.png") > 0
-    run_cli(["example", "shapes", "--images", "4", "--out", "gt"])
+    succeeds(["example", "shapes", "--images", "4", "--out", "gt"], capsys)
     lines = (tmp_path / "gt" / "captions.txt").read_text().splitlines()
     assert [line.split("\t")[0] for line in lines] == ["000.png", "001.png", "002.png", "003.png"]
-    capsys.readouterr()
-    run_cli(["caption", *(f"gt/{i:03d}.png" for i in range(4)), "--model-dir", str(MODELS / "i2t"), "--json"])
-    captions = [r["caption"] for r in json.loads(capsys.readouterr().out)]
+    out = succeeds(["caption", *(f"gt/{i:03d}.png" for i in range(4)), "--model-dir", str(MODELS / "i2t"), "--json"], capsys)
+    captions = [r["caption"] for r in json.loads(out)]
     assert len(captions) == 4 and all(D.parse_caption(c).objects for c in captions), captions

@@ -19,6 +19,7 @@ import torch
 
 from examples.shapes import data as D
 from examples.shapes import evaluate as E
+from examples.shapes.draw import SPLIT_SEED
 from examples.shapes.run import to_tensor, to_uint8
 
 STEPS, CFG_SCALE, SEED, BATCH = 25, 1.0, 0, 6
@@ -48,9 +49,8 @@ def prompts_for(split: str, count: int | None, seed: int = 0) -> list[str]:
 
 def scenes_for(split: str, count: int, seed: int = 0) -> list[tuple[D.Scene, np.ndarray]]:
     """The run's evaluation scenes of a split (make_data's spec and seed): scene i is a function of (seed, i)."""
-    offset = {"new": 2, "held_out": 3}[split]
     captions = getattr(D.make_splits(seed=seed), split)
-    return D.generate(D.DatasetSpec(split, captions, count, seed * 1000 + offset, RESOLUTION, BACKGROUNDS, JITTER))
+    return D.generate(D.DatasetSpec(split, captions, count, seed * 1000 + SPLIT_SEED[split], RESOLUTION, BACKGROUNDS, JITTER))
 
 
 @torch.no_grad()
