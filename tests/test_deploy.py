@@ -279,15 +279,16 @@ def test_sampling_options_must_match_the_package(loaded):
         assert words in one_line_error(e)
 
 
-@pytest.mark.parametrize("avx512_bf16, amx, want", [(False, False, torch.float32), (True, False, torch.bfloat16),
-                                                     (False, True, torch.bfloat16)])
-def test_dtype_auto_follows_the_cpu(monkeypatch, avx512_bf16, amx, want):
+@pytest.mark.parametrize("avx512_bf16, amx", [(False, False), (True, False), (False, True)])
+def test_dtype_auto_is_fp32_on_every_cpu(monkeypatch, avx512_bf16, amx):
     from flowtok_fast.deploy.dtype import resolve_dtype
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     dtype, why = resolve_dtype("auto", "cpu")
-    assert dtype == want and ("bf16" if want == torch.bfloat16 else "fp32") in why
+    assert dtype == torch.float32 and "fp32" in why
+    assert ("--dtype bf16 runs faster" in why) == (avx512_bf16 or amx)  # the printout says what bf16 would buy
+    assert resolve_dtype("auto", "cuda")[0] == torch.bfloat16
     assert resolve_dtype("fp32", "cpu")[0] == torch.float32 and resolve_dtype("bf16", "cpu")[0] == torch.bfloat16
     with pytest.raises(UserError):
         resolve_dtype("fp16", "cpu")
