@@ -11,7 +11,10 @@ marker counts as present), so what it hides is surely absent there.
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +48,15 @@ def _requires(dist) -> list[str]:
 
 
 def blocked() -> tuple[list[str], list[str]]:
-    """(module names, distribution names) installed here that the GPU machine will not have."""
+    """(module names, distribution names) installed here that the GPU machine will not have, found by
+    a fresh interpreter: an import in this process can add to sys.path (setuptools adds its _vendor
+    folder), and what it vendors (jaraco, more_itertools, ...) would then be blocked as strangers."""
+    p = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=120, check=True)
+    modules, dists = json.loads(p.stdout)
+    return modules, dists
+
+
+def _blocked_here() -> tuple[list[str], list[str]]:
     installed = {norm(d.metadata["Name"]): d for d in md.distributions() if d.metadata["Name"]}
     wheels = set(wheel_list())
     allowed, todo = set(), [norm(n) for n in IMAGE] + sorted(wheels)
@@ -113,3 +124,7 @@ def write_sitecustomize(folder: Path) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(SITECUSTOMIZE.format(blocked=set(modules), dists=set(dists)))
     return modules
+
+
+if __name__ == "__main__":  # blocked(), in a fresh interpreter
+    print(json.dumps(_blocked_here()))
