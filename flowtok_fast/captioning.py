@@ -19,7 +19,9 @@ from flowtok_fast.errors import UserError
 from flowtok_fast.models.generator import FlowTokGenerator
 from flowtok_fast.models.text import TextDecoder, detokenize
 from flowtok_fast.models.tokenizer import FlowTiTok
-from flowtok_fast.pipeline import SamplingOptions, resolve_device
+from flowtok_fast.deploy.dtype import auto_dtype
+from flowtok_fast.pipeline import read_recipe, resolve_device
+from flowtok_fast.sampling import PAPER_I2T, Recipe, SamplingOptions
 from flowtok_fast.validate import check_image
 
 COMPONENTS = ("generator", "tokenizer", "text_decoder")
@@ -71,7 +73,8 @@ class FlowTokCaptioner:
             raise UserError("captioning needs the image tokenizer's encoder")
         self.config = config
         self.device = resolve_device(device)
-        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.dtype = dtype or auto_dtype(self.device)
+        self.sampling: Recipe = PAPER_I2T  # how this model wants to be sampled (a model directory says)
         self.tokenizer = tokenizer.to(self.device).eval().requires_grad_(False)
         self.generator = generator.to(self.device).eval().requires_grad_(False)
         self.text_decoder = text_decoder.to(self.device).eval().requires_grad_(False)
@@ -101,12 +104,23 @@ class FlowTokCaptioner:
         ckpt.check_tokenizer_tables(parts["tokenizer"], config.tokenizer, f"{directory} [tokenizer]")
         for name, module in zip(BUILD_ORDER, modules):
             ckpt.load_strict(module, parts[name], f"{directory} [{name}]")
-        return cls(config, *modules, **kw)
+        captioner = cls(config, *modules, **kw)
+        captioner.sampling = read_recipe(directory, PAPER_I2T)
+        return captioner
 
     def save_pretrained(self, directory: str, storage_dtype: str = "float32", vocab_rows=None) -> None:
         """storage_dtype / vocab_rows: a smaller file (flowtok_fast/compact_storage.py)."""
         ckpt.save_pretrained(directory, self.config, dict(zip(BUILD_ORDER, (self.tokenizer, self.generator, self.text_decoder))),
-                             storage_dtype, vocab_rows)
+                             storage_dtype, vocab_rows, self.sampling.to_dict())
+
+    @property
+    def sampling_defaults(self) -> dict:
+        """The options a call without them uses: the model's recommendation (steps, cfg_scale, method, grid)."""
+        return {k: getattr(self.sampling, k) for k in ("steps", "cfg_scale", "method", "grid")}
+
+    def sampling_options(self, **given) -> SamplingOptions:
+        """`given` (steps, cfg_scale, method, grid; None = not given) completed from the model's recommendation."""
+        return self.sampling.options(**given)
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -130,11 +144,12 @@ class FlowTokCaptioner:
             return self.text_decoder.decode_ids(z_text)
 
     @torch.no_grad()
-    def __call__(self, images, steps: int = 20, cfg_scale: float = 1.0, method: str = "euler",
-                 grid: str = "reference", progress: bool = False) -> list[str]:
+    def __call__(self, images, steps: int | None = None, cfg_scale: float | None = None, method: str | None = None,
+                 grid: str | None = None, progress: bool = False) -> list[str]:
         """images: a [B,3,r,r] float tensor in [0,1] or a list of file paths. One caption per image.
+        An option not given (None) takes the model's recommended value (`sampling_defaults`).
         Options and images are checked before any work (a bad file is named)."""
-        opts = SamplingOptions(steps=steps, cfg_scale=cfg_scale, method=method, grid=grid)
+        opts = self.sampling_options(steps=steps, cfg_scale=cfg_scale, method=method, grid=grid)
         resolution = self.config.tokenizer.resolution
         if isinstance(images, (list, tuple)):
             if not images or not all(isinstance(p, (str, os.PathLike)) for p in images):

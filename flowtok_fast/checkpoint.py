@@ -228,7 +228,7 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_pretrained(directory: str | os.PathLike, config: FlowTokConfig, components: dict[str, nn.Module],
-                    storage_dtype: str = "float32", vocab_rows=None) -> Path:
+                    storage_dtype: str = "float32", vocab_rows=None, sampling: dict | None = None) -> Path:
     """Write config.json + model.safetensors. Weights go first; config.json, written last, marks
     the directory complete, so an interrupted save never looks like a valid model.
     storage_dtype ("bfloat16", "float16") and vocab_rows (the token ids a closed-vocabulary model
@@ -256,6 +256,8 @@ def save_pretrained(directory: str | os.PathLike, config: FlowTokConfig, compone
         cfg_path.unlink()  # the directory is incomplete until the new config lands
     _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
     payload = {"config": config.to_dict(), "components": list(components)}
+    if sampling:  # how the model wants to be sampled (flowtok_fast/sampling.py Recipe)
+        payload["sampling"] = sampling
     _atomic_write(cfg_path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
     return directory
 
@@ -305,13 +307,18 @@ def _read_config_json(path: Path) -> dict:
     for key in ("config", "components"):
         if key not in payload:
             raise CheckpointError(f"{path} has no '{key}' section: expected {expected}")
-    unknown = sorted(set(payload) - {"config", "components"})
+    unknown = sorted(set(payload) - {"config", "components", "sampling"})
     if unknown:
         raise CheckpointError(f"{path}: unknown key(s) {unknown}: expected {expected}")
     comps = payload["components"]
     if not isinstance(comps, list) or not comps or any(c not in COMPONENTS for c in comps):
         raise CheckpointError(f"{path}: 'components' must be a non-empty list of {list(COMPONENTS)}, got {comps!r}")
     return payload
+
+
+def read_sampling(directory: str | os.PathLike) -> dict | None:
+    """config.json's 'sampling' section (checked by sampling.Recipe.from_dict), None if absent."""
+    return _read_config_json(Path(directory) / CONFIG_FILE).get("sampling")
 
 
 def _header_metadata(weights: Path) -> dict:

@@ -104,7 +104,7 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------- verbs
 
 
-GENERATE_DEFAULTS = dict(steps=20, cfg=2.0, sampler="euler", grid="reference", batch_size=16)
+DEFAULT_BATCH = 16  # prompts per forward; steps, cfg, sampler and grid default to the model's recommendation
 
 
 def load_pipeline(args):
@@ -117,24 +117,13 @@ def load_pipeline(args):
 
 def load_model_source(args, **kw):
     """The pipeline the model options name (--model-dir | official files | --random-weights)."""
-    from flowtok_fast.configs import get_config
-    from flowtok_fast.pipeline import FlowTokPipeline
+    from flowtok_fast.loading import load_text_to_image
 
-    if args.model_dir:
-        return FlowTokPipeline.from_pretrained(args.model_dir, **kw)
-    official = (args.checkpoint, args.tokenizer, args.clip)
-    if any(official):
-        if not all(official):
-            raise UserError("--checkpoint, --tokenizer and --clip must be given together (or use --model-dir)")
-        return FlowTokPipeline.from_official(*official, **kw)
-    if not args.random_weights:
-        raise UserError("no weights given: pass --model-dir DIR, or --checkpoint FlowTok-XL.pth --tokenizer "
-                        "FlowTiTok_512.bin --clip ViT-L-14-336.pt (local files; nothing is downloaded), or "
-                        "--random-weights to check the install with random weights")
-    cfg = get_config(args.config, args.resolution)
-    print(f"note: --random-weights: the '{args.config}' model is untrained, so the image means nothing "
-          "(with the tiny model: a nearly black 64x64 square).")
-    return FlowTokPipeline.random(cfg, **kw)
+    if args.random_weights and not (args.model_dir or args.checkpoint):
+        print(f"note: --random-weights: the '{args.config}' model is untrained, so the image means nothing "
+              "(with the tiny model: a nearly black 64x64 square).")
+    return load_text_to_image(args.model_dir, args.checkpoint, args.tokenizer, args.clip,
+                              args.config if args.random_weights else None, args.resolution, **kw)
 
 
 def cmd_generate(args) -> None:
@@ -152,12 +141,11 @@ def cmd_generate(args) -> None:
     if args.package:
         pipe = load_package(args)
         batch = pipe.batch  # None options: the package's own; a different value is refused, saying which
-    else:
-        for name, value in GENERATE_DEFAULTS.items():
-            if getattr(args, name) is None:
-                setattr(args, name, value)
-        options = dict(steps=args.steps, cfg_scale=args.cfg, method=args.sampler, grid=args.grid, progress=True)
-        pipe, batch = load_pipeline(args), args.batch_size
+    else:  # options not given: the model's recommendation (its config.json 'sampling'), printed
+        pipe, batch = load_pipeline(args), args.batch_size or DEFAULT_BATCH
+        opts = pipe.sampling_options(**options)
+        print(pipe.sampling.describe(opts))
+        options = dict(steps=opts.steps, cfg_scale=opts.cfg_scale, method=opts.method, grid=opts.grid, progress=True)
     t0 = time.perf_counter()
     images = []
     for i in range(0, len(prompts), batch):  # a prompt over 77 tokens: a warning line, from pipe()
@@ -177,11 +165,10 @@ def load_package(args):
                                       ("--mode", args.mode != "eager")) if given]
     if other:
         raise UserError(f"--package runs an exported package: leave out {', '.join(other)}")
-    from flowtok_fast.deploy.package_pipeline import PackagePipeline
+    from flowtok_fast.loading import load_package as load
 
     apply_threads(args.threads)
-    return PackagePipeline.load(args.package, batch=args.batch_size, device=args.device,
-                                dtype=None if args.dtype == "auto" else args.dtype)
+    return load(args.package, batch=args.batch_size, device=args.device, dtype=None if args.dtype == "auto" else args.dtype)
 
 
 def cmd_convert(args) -> None:
@@ -231,12 +218,15 @@ def cmd_caption(args) -> int:
         print("note: --random-weights: captions are gibberish by design.", file=sys.stderr)
         cap = FlowTokCaptioner.random(args.config, **kw)
     print(why, file=sys.stderr)  # stdout holds the captions (or JSON)
+    opts = cap.sampling_options(steps=args.steps, cfg_scale=args.cfg)  # not given: the model's recommendation
+    print(cap.sampling.describe(opts), file=sys.stderr)
     resolution = cap.config.tokenizer.resolution
     results = []
     for i in tqdm(range(0, len(good), args.batch_size), desc="captioning", disable=len(good) <= args.batch_size):
         batch = usable(good[i : i + args.batch_size], lambda p: load_image(p, resolution))
         if batch:
-            captions = cap(torch.stack([px for _, px in batch]), steps=args.steps, cfg_scale=args.cfg)
+            captions = cap(torch.stack([px for _, px in batch]), steps=opts.steps, cfg_scale=opts.cfg_scale,
+                           method=opts.method, grid=opts.grid)
             results += [(p, c) for (p, _), c in zip(batch, captions)]
     if args.json:
         print(json.dumps([{"image": p, "caption": c} for p, c in results], indent=2))
@@ -312,13 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", help="a prompt (repeat for several; CLIP reads 77 tokens)")
     g.add_argument("--prompt-file", help="a UTF-8 text file with one prompt per line")
     g.add_argument("--steps", type=_count, default=None,
-                   help="sampling steps (default: 20; with --package: the package's)")
+                   help="sampling steps (default: the model's recommendation, else 20; with --package: the package's)")
     g.add_argument("--cfg", type=_finite, default=None,
-                   help="classifier-free guidance scale, 1 = off (default: 2.0; with --package: the package's)")
+                   help="classifier-free guidance scale, 1 = off (default: the model's recommendation, else 2.0; "
+                        "with --package: the package's)")
     g.add_argument("--seed", type=_seed, default=0, help="seed of the first batch (batch at prompt i: seed + i)")
-    g.add_argument("--sampler", choices=("euler", "heun"), default=None, help="ODE sampler (default: euler)")
+    g.add_argument("--sampler", choices=("euler", "heun"), default=None,
+                   help="ODE sampler (default: the model's recommendation, else euler)")
     g.add_argument("--grid", choices=("reference", "consistent"), default=None,
-                   help="time grid (default: reference, which reproduces the published checkpoints' outputs)")
+                   help="time grid (default: the model's recommendation, else reference, which reproduces the "
+                        "published checkpoints' outputs)")
     g.add_argument("--batch-size", type=_count, default=None,
                    help="prompts per forward batch (default: 16; with --package: the package's batch)")
     g.add_argument("--package", metavar="PKG", help="an exported AOTInductor package (`flowtok-fast export`): "
@@ -343,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "direction=i2t training run (or the shapes example's i2t/model)")
     cp.add_argument("--random-weights", action="store_true", help="untrained weights (gibberish captions)")
     cp.add_argument("--config", default="tiny", help="model size for --random-weights")
-    cp.add_argument("--steps", type=_count, default=20, help="sampling steps")
-    cp.add_argument("--cfg", type=_finite, default=1.0, help="guidance scale (1 = off)")
+    cp.add_argument("--steps", type=_count, default=None, help="sampling steps (default: the model's recommendation, else 20)")
+    cp.add_argument("--cfg", type=_finite, default=None, help="guidance scale, 1 = off (default: the model's recommendation, else 1)")
     cp.add_argument("--batch-size", type=_count, default=32, help="images per batch")
     cp.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     cp.add_argument("--fused-kernels", action="store_true", help="use the Triton kernels (CUDA)")

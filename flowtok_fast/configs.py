@@ -82,9 +82,14 @@ class GeneratorConfig:
     width: int
     heads: int
     mlp_ratio: float = 4.0
+    # a few-step student (flowtok-fast distill) also reads the size of the step it takes: a
+    # zero-initialised embedder added to the timestep embedding (FlowTokGenerator.step_embedder)
+    step_conditioning: bool = False
 
     def __post_init__(self):
         problems = _ints(self, 1, "depth", "width", "heads")
+        if not isinstance(self.step_conditioning, bool):
+            problems.append(f"step_conditioning = {self.step_conditioning!r} must be true or false")
         if _is_int(self.width) and self.width % 2:
             problems.append(f"width = {self.width} must be even (sin-cos position embedding)")
         if not isinstance(self.mlp_ratio, numbers.Real) or not (math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0):

@@ -68,6 +68,7 @@ class FastSampler:
         self.x = torch.zeros(batch, NUM_TOKENS, TOKEN_CHANNELS, **f32)  # the state, updated in place
         self.x_in = torch.zeros(rows, NUM_TOKENS, TOKEN_CHANNELS, **f32)  # model input rows
         self.t = torch.zeros(rows, **f32)  # this step's times: a fixed address for the compiled forward
+        self.extra = flow.step_kwargs(generator, rows, dt, device)  # a few-step student's step size
         self.ops = flow._ops_of(generator)
         self.params = inference_params(generator, self.dtype) if self.dtype != torch.float32 else None
 
@@ -92,8 +93,8 @@ class FastSampler:
         # cache off: a cast cached across a CUDA graph capture would outlive its memory
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast, cache_enabled=False):
             if self.params is None:
-                return self.generator(x, t, indicator)
-            return functional_call(self.generator, self.params, (x, t, indicator))
+                return self.generator(x, t, indicator, **self.extra)
+            return functional_call(self.generator, self.params, (x, t, indicator), self.extra)
 
     def _step(self, i: int) -> None:
         b = self.batch

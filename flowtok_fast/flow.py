@@ -43,10 +43,19 @@ def cfg_batch(x: torch.Tensor, t: float, guided: bool) -> tuple[torch.Tensor, to
     return xs, ts, ind
 
 
-def guided_velocity(model, x: torch.Tensor, t: float, cfg_scale: float) -> torch.Tensor:
+def step_kwargs(model, rows: int, dt, device) -> dict:
+    """The extra model input of a few-step student (the size of the step it takes, [rows]);
+    nothing for a teacher, so its calls (and traced programs) stay exactly as they were."""
+    if not getattr(model, "step_conditioned", False):
+        return {}
+    return {"step_size": torch.full((rows,), float(dt), dtype=torch.float32, device=device)}
+
+
+def guided_velocity(model, x: torch.Tensor, t: float, cfg_scale: float, dt: float = 0.0) -> torch.Tensor:
     """v_u + s * (v_c - v_u) from one batched forward (or v_c alone when s == 1)."""
     guided = cfg_scale != 1.0
-    v = model(*cfg_batch(x, t, guided)).float()
+    xs, ts, ind = cfg_batch(x, t, guided)
+    v = model(xs, ts, ind, **step_kwargs(model, xs.shape[0], dt, x.device)).float()
     if not guided:
         return v
     v_c, v_u = v.chunk(2)
@@ -79,15 +88,16 @@ def sample(
     guided = cfg_scale != 1.0
     for i in tqdm(range(steps), desc=f"flow ({method}, {steps} steps)", disable=not progress, leave=False):
         if method == "euler":
-            v = model(*cfg_batch(x, times[i], guided))
+            xs, ts, ind = cfg_batch(x, times[i], guided)
+            v = model(xs, ts, ind, **step_kwargs(model, xs.shape[0], dt, x.device))
             if guided:
                 ops.cfg_euler_step_(x, v, dt, cfg_scale)
             else:
                 ops.euler_step_(x, v, dt)
         else:
-            k1 = guided_velocity(model, x, times[i], cfg_scale)
+            k1 = guided_velocity(model, x, times[i], cfg_scale, dt)
             x_pred = x + dt * k1
-            k2 = guided_velocity(model, x_pred, times[i] + dt, cfg_scale)
+            k2 = guided_velocity(model, x_pred, times[i] + dt, cfg_scale, dt)
             x = x + 0.5 * dt * (k1 + k2)
     return x
 

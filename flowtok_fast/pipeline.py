@@ -3,75 +3,26 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
-from dataclasses import dataclass
 
-import numpy as np
 import torch
-from PIL import Image
 
 from flowtok_fast import checkpoint as ckpt
 from flowtok_fast import compact_storage, flow, ops
 from flowtok_fast.configs import FlowTokConfig, get_config
-from flowtok_fast.errors import FlowTokWarning, UserError
+from flowtok_fast.deploy.dtype import auto_dtype
+from flowtok_fast.images import image_grid, to_pil  # noqa: F401  (part of this module's API)
 from flowtok_fast.models.generator import FlowTokGenerator
-from flowtok_fast.models.text import ClipTextEncoder, TextVAE, overlong_prompts, tokenize
+from flowtok_fast.models.text import ClipTextEncoder, TextVAE, tokenize
 from flowtok_fast.models.tokenizer import FlowTiTok
-from flowtok_fast.validate import check_prompts, finite_float, nonneg_int, one_of, positive_int, resolve_device
+from flowtok_fast.prompt_checks import warn_if_truncated, warn_if_unknown_words
+from flowtok_fast.sampling import PAPER_T2I, Recipe, SamplingOptions
+from flowtok_fast.validate import check_prompts, one_of, resolve_device
 
 OUTPUT_KINDS = ("pil", "tensor")
 
 
-@dataclass
-class SamplingOptions:
-    """Checked when made: steps >= 1, a finite guidance scale, seed >= 0, a known sampler and grid."""
-
-    steps: int = 20
-    cfg_scale: float = 2.0
-    seed: int = 0
-    method: str = "euler"
-    grid: str = "reference"
-
-    def __post_init__(self):
-        positive_int(self.steps, "steps")
-        self.cfg_scale = finite_float(self.cfg_scale, "cfg_scale")
-        nonneg_int(self.seed, "seed")
-        one_of(self.method, flow.METHODS, "sampler")
-        one_of(self.grid, flow.GRIDS, "time grid")
-
-    @classmethod
-    def from_kwargs(cls, options: dict) -> "SamplingOptions":
-        fields = list(cls.__dataclass_fields__)
-        unknown = sorted(set(options) - set(fields))
-        if unknown:
-            raise UserError(f"unknown sampling option(s) {unknown}: expected some of {fields}")
-        return cls(**options)
-
-
 def default_device() -> torch.device:
     return resolve_device(None)
-
-
-def warn_if_truncated(prompts: list[str]) -> None:
-    """CLIP reads 77 tokens (start + 75 + end): say so when a prompt is longer, never silently."""
-    for prompt, n in overlong_prompts(prompts):
-        shown = prompt if len(prompt) <= 40 else prompt[:37] + "..."
-        warnings.warn(FlowTokWarning(f"prompt {shown!r} is {n + 2} CLIP tokens long: truncated to 77 tokens"),
-                      stacklevel=3)
-
-
-def warn_if_unknown_words(prompts: list[str], vocabulary: frozenset[int] | None) -> None:
-    """A closed-vocabulary model (the shapes example's) reads words it was never trained on as
-    zeros: say which words, never silently."""
-    if vocabulary is None:
-        return
-    from flowtok_fast.models.text import words_outside
-
-    for prompt in prompts:
-        unknown = words_outside(prompt, vocabulary)
-        if unknown:
-            warnings.warn(FlowTokWarning(f"prompt {prompt[:40]!r}: {', '.join(map(repr, unknown[:5]))} outside this "
-                                         f"model's {len(vocabulary)}-token vocabulary (read as a blank: the model never saw it)"), stacklevel=3)
 
 
 class FlowTokPipeline:
@@ -91,7 +42,7 @@ class FlowTokPipeline:
     ):
         self.config = config
         self.device = resolve_device(device)
-        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.dtype = dtype or auto_dtype(self.device)
         self.clip = clip.to(self.device).eval().requires_grad_(False)
         self.generator = generator.to(self.device).eval().requires_grad_(False)
         self.tokenizer = tokenizer.to(self.device).eval().requires_grad_(False)
@@ -105,6 +56,7 @@ class FlowTokPipeline:
         self.sampler_mode = sampler_mode
         self._fast_samplers = {}
         self.vocabulary = None  # token ids a closed-vocabulary model knows (compact_storage); None: all
+        self.sampling: Recipe = PAPER_T2I  # how this model wants to be sampled (a model directory says)
 
     # ------------------------------------------------------------ construction
 
@@ -141,15 +93,6 @@ class FlowTokPipeline:
         return cls(config, clip_m, gen_m, tok_m, **kw)
 
     @classmethod
-    def from_package(cls, directory: str, **expect):
-        """An exported package (`flowtok-fast export`): a PackagePipeline, called like this class
-        (prompts, seed, output; steps/cfg_scale/method/grid must be the package's), with no compilation.
-        `expect`: batch=, device=, dtype=, model= (a pipeline or model directory the weights must match)."""
-        from flowtok_fast.deploy.package_pipeline import PackagePipeline
-
-        return PackagePipeline.load(directory, **expect)
-
-    @classmethod
     def from_pretrained(cls, directory: str, **kw) -> "FlowTokPipeline":
         """From a flowtok-fast directory (config.json + model.safetensors)."""
         config, parts = ckpt.read_pretrained(directory)
@@ -164,12 +107,23 @@ class FlowTokPipeline:
         ckpt.load_strict(tok_m, tok_sd, f"{directory} [tokenizer]")
         pipe = cls(config, clip_m, gen_m, tok_m, **kw)
         pipe.vocabulary = compact_storage.vocabulary_of(ckpt.storage_meta(directory))
+        pipe.sampling = read_recipe(directory, PAPER_T2I)
         return pipe
 
     def save_pretrained(self, directory: str, storage_dtype: str = "float32", vocab_rows=None) -> None:
         """storage_dtype / vocab_rows: a smaller file (flowtok_fast/compact_storage.py)."""
         ckpt.save_pretrained(directory, self.config, {"generator": self.generator, "tokenizer": self.tokenizer, "clip": self.clip},
-                             storage_dtype, vocab_rows)
+                             storage_dtype, vocab_rows, self.sampling.to_dict())
+
+    @property
+    def sampling_defaults(self) -> dict:
+        """The options a call without them uses: the model's recommendation (steps, cfg_scale, method, grid)."""
+        return {k: getattr(self.sampling, k) for k in ("steps", "cfg_scale", "method", "grid")}
+
+    def sampling_options(self, **given) -> SamplingOptions:
+        """`given` (seed, steps, cfg_scale, method, grid; None = not given) completed from the model's
+        recommendation; warns when a few-step student is asked for what it was not distilled for."""
+        return self.sampling.options(**given)
 
     def set_fused_kernels(self, enabled: bool) -> None:
         impl = "triton" if enabled else "reference"
@@ -223,10 +177,11 @@ class FlowTokPipeline:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str] | str, progress: bool = False, output: str = "pil", **options):
-        """Generate one image per prompt. options: steps, cfg_scale, seed, method, grid.
-        output: 'pil' (list of PIL images) or 'tensor' ([B,3,H,W] in [0,1]). Everything is checked
-        before any work; a prompt longer than CLIP's 77 tokens is truncated with a FlowTokWarning."""
-        opts = SamplingOptions.from_kwargs(options)
+        """Generate one image per prompt. options: steps, cfg_scale, seed, method, grid; one not given
+        (or None) takes the model's recommended value (`sampling_defaults`). output: 'pil' (list of
+        PIL images) or 'tensor' ([B,3,H,W] in [0,1]). Everything is checked before any work; a
+        prompt longer than CLIP's 77 tokens is truncated with a FlowTokWarning."""
+        opts = self.sampling_options(**options)
         prompts = check_prompts(prompts)
         one_of(output, OUTPUT_KINDS, "output kind")
         warn_if_truncated(prompts)
@@ -237,16 +192,7 @@ class FlowTokPipeline:
         return to_pil(images) if output == "pil" else images
 
 
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
-
-
-def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
-    cols = cols or int(np.ceil(np.sqrt(len(images))))
-    rows = int(np.ceil(len(images) / cols))
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
+def read_recipe(directory: str, fallback: Recipe) -> Recipe:
+    """The 'sampling' section of a model directory's config.json, or `fallback` when it has none."""
+    section = ckpt.read_sampling(directory)
+    return fallback if section is None else Recipe.from_dict(section, f"{directory}/{ckpt.CONFIG_FILE}")

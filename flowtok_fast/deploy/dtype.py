@@ -35,5 +35,10 @@ def resolve_dtype(choice: str, device: torch.device | str) -> tuple[torch.dtype,
     return torch.float32, "dtype auto -> fp32 (CPU: the same images on every CPU; this one has no native bf16)"
 
 
+def auto_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype `auto` picks on `device` (the pipelines' default)."""
+    return resolve_dtype("auto", device)[0]
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return NAMES[dtype]

@@ -155,10 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--config", default="tiny", help="model size for --random-weights")
     src.add_argument("--resolution", type=int, default=256, help="tokenizer resolution for --random-weights (S..H)")
     p.add_argument("--batch", type=int, required=True, help="images per call (static; smaller requests are padded)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=2.0, help="guidance scale (1 = off)")
+    p.add_argument("--steps", type=int, default=None, help="(default: the model's recommendation)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale, 1 = off (default: the model's recommendation)")
     p.add_argument("--sampler", choices=("euler",), default="euler", help="only Euler is exported")
-    p.add_argument("--grid", choices=("reference", "consistent"), default="reference")
+    p.add_argument("--grid", choices=("reference", "consistent"), default=None, help="(default: the model's recommendation)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="auto: bf16 on CUDA and on CPUs with avx512_bf16 or AMX, fp32 elsewhere")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: the package runs only there")
@@ -171,10 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from flowtok_fast.cli import load_model_source
+    from flowtok_fast.loading import load_text_to_image
     from flowtok_fast.validate import resolve_device
 
-    if args.batch < 1 or args.steps < 1:
+    if args.batch < 1 or (args.steps is not None and args.steps < 1):
         raise UserError(f"--batch and --steps must be >= 1, got {args.batch} and {args.steps}")
     _check_out(Path(args.out), args.force)  # before any model is loaded
     device = resolve_device(args.device)
@@ -182,7 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     dtype, why = resolve_dtype(args.dtype, device)
     print(why)
-    pipe = load_model_source(args, device=args.device, fused_kernels=False, sampler_mode="eager")
+    pipe = load_text_to_image(args.model_dir, args.checkpoint, args.tokenizer, args.clip,
+                              args.config if args.random_weights else None, args.resolution,
+                              device=args.device, fused_kernels=False, sampler_mode="eager")
+    # not given: the model's recommendation (the sampler is always Euler here)
+    opts = pipe.sampling_options(steps=args.steps, cfg_scale=args.cfg, grid=args.grid, method="euler")
+    args.steps, args.cfg, args.grid = opts.steps, opts.cfg_scale, opts.grid
+    print(pipe.sampling.describe(opts))
     t0 = time.perf_counter()
     export_package(pipe, args.out, args.batch, args.steps, args.cfg, args.grid, dtype, args.flow, args.force)
     print(f"wrote package {args.out} (batch {args.batch}, {args.steps} steps, cfg {args.cfg}, {dtype_name(dtype)}, "

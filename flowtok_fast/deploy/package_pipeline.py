@@ -41,7 +41,8 @@ class PackagePipeline:
              dtype: torch.dtype | str | None = None, model=None) -> "PackagePipeline":
         """Refuses (UserError, one line) a package built for another batch / device / dtype / model
         (each checked only when given), or with another torch, or whose files are damaged.
-        `model`: a FlowTokPipeline or a model directory whose weights the package must come from."""
+        `model`: a FlowTokPipeline whose weights the package must come from (from a model directory:
+        flowtok_fast.loading.load_package)."""
         directory = Path(directory)
         manifest = mf.read(directory)
         mf.expect(manifest, "batch", batch)
@@ -93,7 +94,8 @@ class PackagePipeline:
         grid), as FlowTokPipeline takes them: None or the package's value, else a UserError."""
         self.check_options(**options)
         from flowtok_fast.models.text import tokenize
-        from flowtok_fast.pipeline import to_pil, warn_if_truncated
+        from flowtok_fast.images import to_pil
+        from flowtok_fast.prompt_checks import warn_if_truncated
         from flowtok_fast.validate import check_prompts, nonneg_int, one_of
 
         one_of(output, ("pil", "tensor"), "output kind")
@@ -121,11 +123,7 @@ class PackagePipeline:
 
 
 def _check_model(manifest: dict, model) -> None:
-    """`model`: a FlowTokPipeline, or a model directory (config.json + model.safetensors)."""
-    if isinstance(model, (str, Path)):
-        from flowtok_fast.pipeline import FlowTokPipeline
-
-        model = FlowTokPipeline.from_pretrained(str(model), device="cpu")
+    """`model`: a FlowTokPipeline (loading.load_package turns a model directory into one)."""
     digest = mf.weights_hash(model.clip, model.generator, model.tokenizer)
     built = manifest["model"]
     if digest != built["weights_sha256"]:

@@ -36,7 +36,8 @@ class TextStage(nn.Module):
 def _guided_step(generator, x, t, indicator, dt: float, scale: float, guided: bool):
     """x + dt * (v_u + s (v_c - v_u)): ops.cfg_euler_step_ref, written without the in-place copy."""
     b = x.shape[0]
-    v = generator(torch.cat([x, x]) if guided else x, t, indicator).float()
+    xs = torch.cat([x, x]) if guided else x
+    v = generator(xs, t, indicator, **flow.step_kwargs(generator, xs.shape[0], dt, x.device)).float()
     if not guided:
         return x + dt * v
     v_c, v_u = v[:b], v[b:]

@@ -23,8 +23,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="evaluation folder (captions/, results.json, results.md)")
     p.add_argument("--split", default="test", help="Karpathy split to caption")
     p.add_argument("--num-images", type=int, default=None, help="only the first N images of the split")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's recommendation)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's recommendation)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=500, help="images per shard (the unit of resuming)")
     p.add_argument("--no-spice", action="store_true", help="skip SPICE (slow; needs Stanford CoreNLP files)")
@@ -85,6 +85,9 @@ def run_i2t(args) -> int:
     device = dd.local_device(args.device)
     items = karpathy_split(args.karpathy, args.images, args.split, args.num_images)
     captioner = FlowTokCaptioner.from_pretrained(args.model_dir, device=device)
+    opts = captioner.sampling_options(steps=args.steps, cfg_scale=args.cfg)  # checked before anything is written
+    args.steps, args.cfg = opts.steps, opts.cfg_scale
+    print(captioner.sampling.describe(opts))
     out = writable_folder(args.out)  # last: a bad input above leaves nothing behind
     folder = os.path.join(out, "captions")
     settings = {"model_dir": os.path.abspath(args.model_dir), "karpathy": os.path.abspath(args.karpathy),

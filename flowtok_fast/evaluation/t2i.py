@@ -21,7 +21,7 @@ from flowtok_fast.evaluation.results import PAPER, prompt_grid, save_png_atomic,
 from flowtok_fast.evaluation.scoring import ShardScorer
 
 GRID_SIZE = 64
-DEFAULT_STEPS, DEFAULT_CFG, DEFAULT_BATCH = 20, 2.0, 64
+DEFAULT_BATCH = 64
 
 
 def add_arguments(p) -> None:
@@ -34,8 +34,8 @@ def add_arguments(p) -> None:
     p.add_argument("--clip-model", default="ViT-L-14", help="open_clip model name of --clip")
     p.add_argument("--num-images", type=int, default=30000, help="at most the number of prompts (one prompt per image)")
     p.add_argument("--out", required=True, help="evaluation folder (images/, results.json, results.md, grid.png)")
-    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default: {DEFAULT_STEPS}; with --package: the package's)")
-    p.add_argument("--cfg", type=float, default=None, help=f"guidance scale (default: {DEFAULT_CFG}; with --package: the package's)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's recommendation; with --package: the package's)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's recommendation; with --package: the package's)")
     p.add_argument("--seed", type=int, default=0, help="image i uses noise seed f(seed, i); also picks COCO-30K captions")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"images per generator call and per Inception batch (default: {DEFAULT_BATCH}; with --package: the package's batch)")
@@ -88,7 +88,7 @@ def package_options(args) -> torch.device:
 
 
 def run_t2i(args) -> int:
-    from flowtok_fast.pipeline import FlowTokPipeline, SamplingOptions
+    from flowtok_fast.pipeline import FlowTokPipeline
 
     if args.num_images < 2:
         raise UserError(f"--num-images must be at least 2 for FID, got {args.num_images}")
@@ -98,9 +98,8 @@ def run_t2i(args) -> int:
         raise UserError("give --model-dir (a flowtok-fast model directory) or --package (an exported package)")
     else:
         device = dd.local_device(args.device)
-        for name, value in (("steps", DEFAULT_STEPS), ("cfg", DEFAULT_CFG), ("batch_size", DEFAULT_BATCH)):
-            if getattr(args, name) is None:
-                setattr(args, name, value)
+        if args.batch_size is None:
+            args.batch_size = DEFAULT_BATCH
     for name in ("batch_size", "shard_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -115,13 +114,16 @@ def run_t2i(args) -> int:
     records = load_prompts(args.prompts, args.num_images, args.seed)
     package = None
     if args.package:  # refused here if damaged, built with another torch / for another device, or from another model
-        from flowtok_fast.deploy.package_pipeline import PackagePipeline
+        from flowtok_fast.loading import load_package
 
-        package = PackagePipeline.load(args.package, device=device, model=args.model_dir)
+        package = load_package(args.package, device=device, model=args.model_dir)
         make_images = package_images(package)
-    else:
-        opts = SamplingOptions(steps=args.steps, cfg_scale=args.cfg, seed=args.seed)
-        make_images = pipeline_images(FlowTokPipeline.from_pretrained(args.model_dir, device=device, sampler_mode=args.mode), opts)
+    else:  # steps / cfg not given: the model's recommendation (recorded below as what ran)
+        pipe = FlowTokPipeline.from_pretrained(args.model_dir, device=device, sampler_mode=args.mode)
+        opts = pipe.sampling_options(steps=args.steps, cfg_scale=args.cfg, seed=args.seed)
+        args.steps, args.cfg = opts.steps, opts.cfg_scale
+        print(pipe.sampling.describe(opts))
+        make_images = pipeline_images(pipe, opts)
     out = writable_folder(args.out)  # last: a bad input above leaves nothing behind
 
     images_dir = os.path.join(out, "images")

@@ -26,6 +26,18 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_features(t, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
+class StepEmbedder(TimestepEmbedder):
+    """A student's step size d (in flow time) -> a vector added to the timestep embedding.
+
+    Its last layer starts at zero, so a fresh student computes exactly its teacher whatever d is;
+    d = 0 (an infinitesimal step: the flow's own velocity) is the teacher's meaning."""
+
+    def __init__(self, width: int, freq_dim: int = 256):
+        super().__init__(width, freq_dim)
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+
 class LabelEmbedder(nn.Module):
     """The CFG indicator: 0 = conditional, 1 = null."""
 
@@ -107,6 +119,8 @@ class FlowTokGenerator(nn.Module):
         self.x_embedder = nn.Linear(TOKEN_CHANNELS, d)
         self.t_embedder = TimestepEmbedder(d)
         self.y_embedder = LabelEmbedder(d)
+        # only in few-step students; teachers and the published checkpoints have no such keys
+        self.step_embedder = StepEmbedder(d) if cfg.step_conditioning else None
         self.blocks = nn.ModuleList(DiTBlock(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(d, TOKEN_CHANNELS)
         self.context_encoder = TextVAE(text_cfg)
@@ -131,8 +145,19 @@ class FlowTokGenerator(nn.Module):
         for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
+        if self.step_embedder is not None:  # as t_embedder, but the last layer at zero
+            nn.init.normal_(self.step_embedder.mlp[0].weight, std=0.02)
+            nn.init.zeros_(self.step_embedder.mlp[2].weight)
+            nn.init.zeros_(self.step_embedder.mlp[2].bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, indicator: torch.Tensor) -> torch.Tensor:
+    @property
+    def step_conditioned(self) -> bool:
+        return self.step_embedder is not None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, indicator: torch.Tensor,
+                step_size: torch.Tensor | None = None) -> torch.Tensor:
+        """step_size [B] (students only): the size of the step the caller takes from t; None = 0,
+        the instantaneous velocity (what a teacher computes)."""
         check_latents(x, "x")
         b = x.shape[0]
         if t.shape != (b,) or not t.is_floating_point():
@@ -144,6 +169,14 @@ class FlowTokGenerator(nn.Module):
             )
         h = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(indicator)
+        if step_size is not None and self.step_embedder is None:
+            raise ValueError("step_size is only read by a few-step student (generator.step_conditioning = true)")
+        if self.step_embedder is not None:
+            if step_size is None:
+                step_size = torch.zeros_like(t)
+            if step_size.shape != (b,) or not step_size.is_floating_point():
+                raise ValueError(f"step_size must be a float tensor of shape [{b}], got {step_size.dtype} {tuple(step_size.shape)}")
+            c = c + self.step_embedder(step_size)
         for block in self.blocks:
             h = block(h, c)
         return self.final_layer(h, c)
