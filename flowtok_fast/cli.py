@@ -15,7 +15,8 @@ from pathlib import Path
 
 from flowtok_fast.cli_errors import OneLineParser, print_error, run, take_debug_flag
 from flowtok_fast.errors import UserError
-from flowtok_fast.validate import check_image, check_output_dir, image_output_format, read_prompt_file, resolve_device, save_image
+from flowtok_fast.validate import (BATCH, CFG, MAX_IMAGES, STEPS, check_fused_kernels, check_image, check_output_dir,
+                                   image_output_format, int_arg, read_prompt_file, resolve_device, save_image)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a model hub: weights come from local files
 
@@ -23,30 +24,10 @@ EXIT_SOME_FAILED = 1
 
 
 # ---------------------------------------------------------------- argument types: range checks at parse time
+# (with STEPS, CFG, BATCH: validate.py, where the limits every verb shares live)
 
-
-def _count(text: str) -> int:
-    return _number(text, int, lambda v: v >= 1, "an integer >= 1")
-
-
-def _seed(text: str) -> int:
-    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
-
-
-def _finite(text: str) -> float:
-    import math
-
-    return _number(text, float, math.isfinite, "a finite number")
-
-
-def _number(text: str, kind, ok, expected: str):
-    try:
-        value = kind(text)
-    except ValueError:
-        value = None
-    if value is None or not ok(value):
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return value
+_count = int_arg(1)
+_seed = int_arg(0)
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -135,8 +116,13 @@ def cmd_generate(args) -> None:
         prompts += read_prompt_file(args.prompt_file)
     if not prompts:
         raise UserError("give at least one --prompt or a --prompt-file")
+    if len(prompts) > MAX_IMAGES:  # every image is kept for the grid
+        raise UserError(f"{len(prompts)} prompts: expected at most {MAX_IMAGES} (one grid); `flowtok-fast evaluate t2i` "
+                        "makes more, in shards")
     fmt = image_output_format(args.out)  # before any model is loaded or image sampled
-    resolve_device(args.device)
+    device = resolve_device(args.device)
+    if args.fused_kernels and not args.package:
+        check_fused_kernels(device, "--fused-kernels")
     options = dict(steps=args.steps, cfg_scale=args.cfg, method=args.sampler, grid=args.grid)
     if args.package:
         pipe = load_package(args)
@@ -209,7 +195,9 @@ def cmd_caption(args) -> int:
     from flowtok_fast.captioning import FlowTokCaptioner, load_image
 
     apply_threads(args.threads)
-    resolve_device(args.device)
+    device = resolve_device(args.device)
+    if args.fused_kernels:
+        check_fused_kernels(device, "--fused-kernels")
     dtype, why = resolve_dtype(args)
     kw = dict(device=args.device, fused_kernels=args.fused_kernels, dtype=dtype)
     if args.model_dir:
@@ -300,10 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="text -> image", formatter_class=_DefaultsFormatter)
     _add_model_source(g)
     g.add_argument("--prompt", action="append", help="a prompt (repeat for several; CLIP reads 77 tokens)")
-    g.add_argument("--prompt-file", help="a UTF-8 text file with one prompt per line")
-    g.add_argument("--steps", type=_count, default=None,
+    g.add_argument("--prompt-file", help=f"a UTF-8 text file with one prompt per line (at most {MAX_IMAGES} prompts)")
+    g.add_argument("--steps", **STEPS, default=None,
                    help="sampling steps (default: the model's recommendation, else 20; with --package: the package's)")
-    g.add_argument("--cfg", type=_finite, default=None,
+    g.add_argument("--cfg", **CFG, default=None,
                    help="classifier-free guidance scale, 1 = off (default: the model's recommendation, else 2.0; "
                         "with --package: the package's)")
     g.add_argument("--seed", type=_seed, default=0, help="seed of the first batch (batch at prompt i: seed + i)")
@@ -312,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grid", choices=("reference", "consistent"), default=None,
                    help="time grid (default: the model's recommendation, else reference, which reproduces the "
                         "published checkpoints' outputs)")
-    g.add_argument("--batch-size", type=_count, default=None,
+    g.add_argument("--batch-size", **BATCH, default=None,
                    help="prompts per forward batch (default: 16; with --package: the package's batch)")
     g.add_argument("--package", metavar="PKG", help="an exported AOTInductor package (`flowtok-fast export`): "
                                                    "no compilation at start-up; replaces the model options")
@@ -336,9 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "direction=i2t training run (or the shapes example's i2t/model)")
     cp.add_argument("--random-weights", action="store_true", help="untrained weights (gibberish captions)")
     cp.add_argument("--config", default="tiny", help="model size for --random-weights")
-    cp.add_argument("--steps", type=_count, default=None, help="sampling steps (default: the model's recommendation, else 20)")
-    cp.add_argument("--cfg", type=_finite, default=None, help="guidance scale, 1 = off (default: the model's recommendation, else 1)")
-    cp.add_argument("--batch-size", type=_count, default=32, help="images per batch")
+    cp.add_argument("--steps", **STEPS, default=None, help="sampling steps (default: the model's recommendation, else 20)")
+    cp.add_argument("--cfg", **CFG, default=None, help="guidance scale, 1 = off (default: the model's recommendation, else 1)")
+    cp.add_argument("--batch-size", **BATCH, default=32, help="images per batch")
     cp.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     cp.add_argument("--fused-kernels", action="store_true", help="use the Triton kernels (CUDA)")
     _add_dtype(cp)

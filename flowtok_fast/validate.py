@@ -1,6 +1,6 @@
-"""Checks of user input made before any model is loaded or sampled: numbers in range, device
-strings, prompts, prompt files and output image paths. Each failure is a UserError naming the
-option or file, what was found and what was expected."""
+"""Checks of user input made before any model is loaded or sampled: numbers in range (and the
+limits every verb shares), device strings, prompts, prompt files and output paths. Each failure is
+a UserError naming the option or file, what was found and what was expected."""
 from __future__ import annotations
 
 import math
@@ -39,6 +39,60 @@ def one_of(value, choices, name: str):
     if value not in choices:
         raise UserError(f"unknown {name} {value!r}: expected one of {', '.join(map(str, choices))}")
     return value
+
+
+# ---------------------------------------------------------------- limits, and argparse types that hold them
+
+# One set for every verb (the server caps steps and guidance the same way): time or memory grows
+# with each, so a value beyond its limit is a typo, refused before any model is loaded.
+MAX_STEPS = 500  # sampling steps (the time grid and the run grow with them)
+MAX_ABS_CFG = 100.0  # |guidance scale|
+MAX_BATCH = 1024  # images per forward batch or exported package (activations grow with it)
+MAX_IMAGES = 1024  # images one command holds: generate's prompts (one grid), example shapes --images
+
+
+def int_arg(low: int = 1, high: int | None = None):
+    """An argparse type: an integer in [low, high] (no upper limit when high is None)."""
+    expected = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    return _arg(int, lambda v: v >= low and (high is None or v <= high), expected)
+
+
+def float_arg(low: float, high: float):
+    """An argparse type: a finite number in [low, high]."""
+    return _arg(float, lambda v: math.isfinite(v) and low <= v <= high, f"a finite number in [{low:g}, {high:g}]")
+
+
+def _arg(kind, ok, expected: str):
+    import argparse
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+# add_argument keywords: `p.add_argument("--steps", **STEPS, default=..., help=...)`; --help shows the range
+STEPS = dict(type=int_arg(1, MAX_STEPS), metavar=f"1..{MAX_STEPS}")
+BATCH = dict(type=int_arg(1, MAX_BATCH), metavar=f"1..{MAX_BATCH}")
+CFG = dict(type=float_arg(-MAX_ABS_CFG, MAX_ABS_CFG), metavar=f"-{MAX_ABS_CFG:g}..{MAX_ABS_CFG:g}")
+IMAGES = dict(type=int_arg(1, MAX_IMAGES), metavar=f"1..{MAX_IMAGES}")
+COUNT = dict(type=int_arg(1))  # threads, shard sizes: >= 1, no upper limit
+
+
+def check_fused_kernels(device, option: str) -> None:
+    """The Triton kernels run on CUDA; on a CPU only in Triton's interpreter (TRITON_INTERPRET=1,
+    read when the kernels are imported: for testing them, slowly)."""
+    import torch
+
+    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError(f"{option} needs CUDA (this run is on {device}): leave it out to run the reference ops, or "
+                        "start with TRITON_INTERPRET=1 to test the kernels in Triton's interpreter (slow)")
 
 
 # ---------------------------------------------------------------- devices
@@ -139,10 +193,18 @@ def image_output_format(path: str, option: str = "--out") -> str:
     if fmt is None or fmt not in Image.SAVE:
         raise UserError(f"{option} {path}: unknown image extension {ext or '(none)'!r}: expected .png, .jpg, .webp, "
                         ".bmp or .tiff")
+    check_output_file(path, option)
+    return fmt
+
+
+def check_output_file(path: str, option: str = "--out") -> None:
+    """A file that can be written at `path`; its directory may not exist yet (it is created later)."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{option} {path} is a directory: expected a file name")
     _check_writable_below(p.absolute().parent, path, option)
     if p.exists() and not os.access(p, os.W_OK):
         raise UserError(f"{option} {path}: the file exists and is not writable")
-    return fmt
 
 
 def check_output_dir(path: str, option: str = "--out") -> None:

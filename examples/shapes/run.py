@@ -37,6 +37,7 @@ from examples.shapes.config import load_config, tokenizer_train_config, train_co
 from examples.shapes.text_autoencoder import train_text_autoencoder
 from flowtok_fast.cli_errors import OneLineParser
 from flowtok_fast.errors import UserError
+from flowtok_fast.validate import COUNT, IMAGES
 
 log = logging.getLogger("shapes")
 HERE = Path(__file__).resolve().parent
@@ -342,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--out", default="outputs/shapes", help="output directory")
     parser.add_argument("--directions", nargs="+", choices=("t2i", "i2t"), default=None, help="default: the config's")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the config's)")
-    parser.add_argument("--images", type=int, metavar="N", help="only draw N ground-truth images (and captions.txt) "
+    parser.add_argument("--threads", **COUNT, default=None, help="torch CPU threads (default: the config's)")
+    parser.add_argument("--images", **IMAGES, help="only draw this many ground-truth images (and captions.txt) "
                         "into --out to caption, e.g. with examples/shapes/models/i2t; no training")
     parser.add_argument("--split", default="new", help="with --images: new (default), held_out or train")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. t2i.steps=100 tokenizer.lr=2e-3")
@@ -357,8 +358,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(written)} {args.split}-split images and captions.txt in {args.out}; caption them with: flowtok-fast "
               f"caption {Path(args.out) / '*.png'} --model-dir examples/shapes/models/i2t --steps 25")
         return 0
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads {args.threads}: expected an integer >= 1")
     directions = args.directions or cfg.get("directions", ["t2i", "i2t"])
     threads = args.threads or cfg.get("threads", 1)
     torch.set_num_threads(threads)

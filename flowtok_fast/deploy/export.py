@@ -28,6 +28,7 @@ from flowtok_fast.deploy import manifest as mf
 from flowtok_fast.deploy.dtype import CHOICES as DTYPE_CHOICES, dtype_name, resolve_dtype
 from flowtok_fast.deploy.stages import DecodeStage, FlowLoop, FlowStep, TextStage
 from flowtok_fast.errors import UserError
+from flowtok_fast.validate import BATCH, CFG, COUNT, STEPS
 
 FLOW_MODES = ("step", "loop")
 RUNNER_FILE = "runner.txt"
@@ -154,9 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--random-weights", action="store_true", help="untrained weights (tests, benchmarks)")
     src.add_argument("--config", default="tiny", help="model size for --random-weights")
     src.add_argument("--resolution", type=int, default=256, help="tokenizer resolution for --random-weights (S..H)")
-    p.add_argument("--batch", type=int, required=True, help="images per call (static; smaller requests are padded)")
-    p.add_argument("--steps", type=int, default=None, help="(default: the model's recommendation)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale, 1 = off (default: the model's recommendation)")
+    p.add_argument("--batch", **BATCH, required=True, help="images per call (static; smaller requests are padded)")
+    p.add_argument("--steps", **STEPS, default=None, help="(default: the model's recommendation)")
+    p.add_argument("--cfg", **CFG, default=None, help="guidance scale, 1 = off (default: the model's recommendation)")
     p.add_argument("--sampler", choices=("euler",), default="euler", help="only Euler is exported")
     p.add_argument("--grid", choices=("reference", "consistent"), default=None, help="(default: the model's recommendation)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
@@ -165,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flow", choices=FLOW_MODES, default="step", help="flow stage: one step called N times, or the unrolled loop")
     p.add_argument("--out", required=True, help="the package directory to write")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", **COUNT, default=None, help="torch CPU threads")
     return p
 
 

@@ -25,9 +25,13 @@ NOISE_MAGIC = "flowtok-noise"
 
 def _atomic_write(path: str | Path, data: bytes) -> None:
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind
 
 
 def write_ids(path: str | Path, ids: torch.Tensor) -> None:
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from flowtok_fast.cli_errors import OneLineParser
     from flowtok_fast.models.text import tokenize
     from flowtok_fast.pipeline import warn_if_truncated
-    from flowtok_fast.validate import check_prompts, read_prompt_file
+    from flowtok_fast.validate import check_output_file, check_prompts, read_prompt_file
 
     p = OneLineParser(prog="flowtok-fast tokenize", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
@@ -76,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("give at least one --prompt or a --prompt-file")
     if args.seed < 0:
         raise UserError(f"--seed: expected an integer >= 0, got {args.seed}")
+    check_output_file(args.out, "--out")  # before any work: a directory, an unwritable place
+    if args.noise_out:
+        check_output_file(args.noise_out, "--noise-out")
     prompts = check_prompts(prompts)
     warn_if_truncated(prompts)
     write_ids(args.out, tokenize(prompts))

@@ -14,6 +14,7 @@ from flowtok_fast.evaluation import shards as sh
 from flowtok_fast.evaluation.generation import check_manifest
 from flowtok_fast.evaluation.results import PAPER, write_atomic, write_results
 from flowtok_fast.evaluation.t2i import writable_folder
+from flowtok_fast.validate import BATCH, CFG, COUNT, STEPS
 
 
 def add_arguments(p) -> None:
@@ -23,10 +24,10 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="evaluation folder (captions/, results.json, results.md)")
     p.add_argument("--split", default="test", help="Karpathy split to caption")
     p.add_argument("--num-images", type=int, default=None, help="only the first N images of the split")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's recommendation)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's recommendation)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--shard-size", type=int, default=500, help="images per shard (the unit of resuming)")
+    p.add_argument("--steps", **STEPS, default=None, help="sampling steps (default: the model's recommendation)")
+    p.add_argument("--cfg", **CFG, default=None, help="guidance scale (default: the model's recommendation)")
+    p.add_argument("--batch-size", **BATCH, default=64)
+    p.add_argument("--shard-size", **COUNT, default=500, help="images per shard (the unit of resuming)")
     p.add_argument("--no-spice", action="store_true", help="skip SPICE (slow; needs Stanford CoreNLP files)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (a Java process; slow to start)")
     p.add_argument("--device", default=None)

@@ -19,6 +19,7 @@ from flowtok_fast.evaluation.inception import FEATURE_DIM, InceptionFeatures
 from flowtok_fast.evaluation.prompts import load_prompts, write_prompt_list
 from flowtok_fast.evaluation.results import PAPER, prompt_grid, save_png_atomic, write_results
 from flowtok_fast.evaluation.scoring import ShardScorer
+from flowtok_fast.validate import BATCH, CFG, COUNT, STEPS
 
 GRID_SIZE = 64
 DEFAULT_BATCH = 64
@@ -34,12 +35,12 @@ def add_arguments(p) -> None:
     p.add_argument("--clip-model", default="ViT-L-14", help="open_clip model name of --clip")
     p.add_argument("--num-images", type=int, default=30000, help="at most the number of prompts (one prompt per image)")
     p.add_argument("--out", required=True, help="evaluation folder (images/, results.json, results.md, grid.png)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's recommendation; with --package: the package's)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's recommendation; with --package: the package's)")
+    p.add_argument("--steps", **STEPS, default=None, help="sampling steps (default: the model's recommendation; with --package: the package's)")
+    p.add_argument("--cfg", **CFG, default=None, help="guidance scale (default: the model's recommendation; with --package: the package's)")
     p.add_argument("--seed", type=int, default=0, help="image i uses noise seed f(seed, i); also picks COCO-30K captions")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", **BATCH, default=None,
                    help=f"images per generator call and per Inception batch (default: {DEFAULT_BATCH}; with --package: the package's batch)")
-    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (the unit of resuming)")
+    p.add_argument("--shard-size", **COUNT, default=1000, help="images per shard (the unit of resuming)")
     p.add_argument("--format", choices=sh.FORMATS, default="png", help="shards as PNG folders or tars")
     p.add_argument("--mode", default="eager", help="sampler mode: eager, compile, graph, reduce-overhead (not with --package)")
     p.add_argument("--package", metavar="PKG", help="generate with an exported AOTInductor package (`flowtok-fast export`): "

@@ -420,6 +420,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the plan here")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv[1:] if argv[:1] == ["--"] else argv)  # `flowtok-fast plan -- ...` passes the "--"
+    if args.json:
+        from flowtok_fast.validate import check_output_file
+
+        check_output_file(args.json, "--json")  # before the plan is computed
     gpu_mem = args.gpu_mem if args.gpu_mem is not None else local_gpu_gib()
     if args.no_cache:
         os.environ["FLOWTOK_CACHE_DIR"] = os.devnull  # unreadable, unwritable: every model measured
@@ -438,6 +442,7 @@ def main(argv=None) -> int:
 def write_json_atomic(path, obj) -> None:
     """JSON written to a temporary file beside `path`, then renamed: never half-written."""
     path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".json.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1)

@@ -18,6 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. steps=100 lr=2e-4")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(args.config, args.overrides)
+    if cfg.fused_kernels:  # before any model is built: the device the run will get
+        import torch
+
+        from flowtok_fast.validate import check_fused_kernels
+
+        check_fused_kernels("cuda" if torch.cuda.is_available() else "cpu", "fused_kernels=true")
     with distributed_run() as device:
         trainer = Trainer(cfg, device=device)
         trainer.train()

@@ -246,13 +246,15 @@ def build_config(cls, path: str | Path | None, overrides: list[str] = (), values
         if not path.is_file():
             raise UserError(f"{what} not found: {path}" + (" (a directory)" if path.is_dir() else ""))
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text())
         except (UnicodeDecodeError, OSError) as err:
             raise UserError(f"{path}: cannot read the {what} ({err})") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             raise UserError(f"{path}: not valid YAML{where} ({getattr(err, 'problem', None) or err})") from None
+        if raw is None:  # not the defaults: an empty file is a mistake (the wrong file, or one not yet written)
+            raise UserError(f"{path}: empty config: expected a mapping of config keys such as `model: tiny`")
         if not isinstance(raw, dict):
             raise UserError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
     try:

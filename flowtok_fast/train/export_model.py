@@ -251,7 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ema", action="store_true", help="the generator's EMA weights (usually better samples) instead of the raw ones")
     parser.add_argument("--clip", metavar="FILE", help="CLIP weights, instead of the training config's clip_weights (text-to-image)")
     parser.add_argument("--tokenizer", metavar="FILE", help="image tokenizer weights, instead of the training config's tokenizer_weights")
+    parser.add_argument("--force", action="store_true", help="replace an existing model directory at --out")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not args.force:  # as `flowtok-fast export`: never overwrite silently
+        raise UserError(f"--out {out} exists and is not empty: pass --force to replace it")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     out = export_model(args.checkpoint, args.out, args.ema, args.clip, args.tokenizer)
