@@ -1,16 +1,24 @@
 """The request queue and its single model thread.
 
-Jobs with the same key (kind, steps, cfg, sampler, grid) can share a batch. A group runs as soon as
-it holds rows for the largest bucket, or its oldest job has waited `max_wait_s`; it is padded up to
-the smallest bucket that holds it (the engine drops the padding rows). The queue is bounded in rows:
-a job that would overflow it is refused (QueueFull -> HTTP 429). A job whose client gave up (timeout,
-disconnect) is removed if it has not started. All model work happens on one thread, so the event
-loop never waits on it; results return through `loop.call_soon_threadsafe`.
+Jobs with the same key (kind, steps, cfg, sampler, grid) can share a batch, padded to the smallest
+bucket that holds it (the engine drops the padding rows). When a group runs, adapting to the
+arrival rate: the rows a key's previous batch answered are the rows expected back within one batch
+time (closed-loop clients resend when answered; an open stream at rate r brings r x batch time), so
+a group runs as soon as it holds that many rows (or the largest bucket), or once its oldest job has
+waited one batch time. With no batch of the key in the last batch time, the plain `max_wait_s`
+window applies. At concurrency 1 the expected count is 1: no wait at all.
+
+The queue is bounded in rows: a job larger than the whole queue can never run (TooLarge -> 413); one
+that would overflow it now is refused with the time the queue takes to drain at its measured rate
+(QueueFull -> 429 with Retry-After). A job whose client gave up (timeout, disconnect) is removed if it
+has not started. All model work happens on one thread, so the event loop never waits on it; results
+return through `loop.call_soon_threadsafe`.
 """
 from __future__ import annotations
 
 import asyncio
 import bisect
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,7 +27,22 @@ from flowtok_fast.pipeline import SamplingOptions
 
 
 class QueueFull(Exception):
-    """The queue holds max_queue rows already."""
+    """The queue holds too many rows to take this job now; `retry_after_s`: when it will have drained."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TooLarge(Exception):
+    """The job has more rows than the whole queue: it can never be taken."""
+
+
+@dataclass
+class LastBatch:
+    rows: int  # real rows it answered
+    finished: float  # time.monotonic()
+    seconds: float  # its wall time
 
 
 @dataclass(eq=False)
@@ -43,7 +66,10 @@ class Batcher:
         self.engine, self.buckets = engine, sorted(buckets)
         self.max_wait_s, self.max_queue, self.metrics = max_wait_s, max_queue, metrics
         self._pending: list[Job] = []
+        self._last: dict[tuple, LastBatch] = {}  # per key: its previous batch (the adaptive window)
+        self._rows_per_s: float | None = None  # measured drain rate (moving average), for Retry-After
         self._running = 0  # jobs taken by the worker and not yet answered
+        self._running_rows = 0
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._work, name="flowtok-serve-model", daemon=True)
@@ -64,10 +90,12 @@ class Batcher:
     # ---------------------------------------------------------------- event-loop side
 
     def submit(self, job: Job) -> None:
+        if len(job.items) > self.max_queue:
+            raise TooLarge(f"{len(job.items)} rows: expected at most {self.max_queue}, the whole queue (--max-queue)")
         with self._cond:
             queued = sum(len(j.items) for j in self._pending)
             if queued + len(job.items) > self.max_queue:
-                raise QueueFull(f"the queue holds {queued} of {self.max_queue} images")
+                raise QueueFull(f"the queue holds {queued} of {self.max_queue} images", self.retry_after_s(queued))
             self._pending.append(job)
             self.metrics.queue_depth.set(queued + len(job.items))
             self._cond.notify_all()
@@ -81,6 +109,11 @@ class Batcher:
                 return True
             return False
 
+    def retry_after_s(self, queued: int) -> int:
+        """Seconds the queue takes to drain at its measured rate (1 before any batch has run)."""
+        rate = self._rows_per_s
+        return 1 if not rate else max(1, min(3600, math.ceil((queued + self._running_rows) / rate)))
+
     def idle(self) -> bool:
         with self._cond:
             return not self._pending and self._running == 0
@@ -90,14 +123,25 @@ class Batcher:
     def _set_depth(self) -> None:
         self.metrics.queue_depth.set(sum(len(j.items) for j in self._pending))
 
-    def _next_group(self) -> list[Job] | None:
-        """The group to run now (oldest ready key first), or None; called under the lock."""
-        now = time.monotonic()
+    def _window(self, key: tuple, now: float) -> tuple[int, float]:
+        """(rows expected, longest wait) for a group of `key`: see the module docstring."""
+        last = self._last.get(key)
+        if last is not None and now - last.finished <= max(last.seconds, self.max_wait_s):
+            return min(last.rows, self.largest), max(last.seconds, self.max_wait_s)
+        return self.largest, self.max_wait_s
+
+    def _groups(self) -> list[list[Job]]:
         groups: dict[tuple, list[Job]] = {}
         for job in self._pending:
             groups.setdefault(job.key, []).append(job)
-        for jobs in sorted(groups.values(), key=lambda js: js[0].enqueued):
-            if sum(len(j.items) for j in jobs) >= self.largest or now - jobs[0].enqueued >= self.max_wait_s:
+        return sorted(groups.values(), key=lambda js: js[0].enqueued)
+
+    def _next_group(self) -> list[Job] | None:
+        """The group to run now (oldest ready key first), or None; called under the lock."""
+        now = time.monotonic()
+        for jobs in self._groups():
+            expected, wait = self._window(jobs[0].key, now)
+            if sum(len(j.items) for j in jobs) >= expected or now - jobs[0].enqueued >= wait:
                 taken, rows = [], 0
                 for j in jobs:  # FIFO, whole jobs, up to the largest bucket
                     if rows + len(j.items) > self.largest:
@@ -110,8 +154,8 @@ class Batcher:
     def _wait_time(self) -> float | None:
         if not self._pending:
             return None
-        oldest = min(j.enqueued for j in self._pending)
-        return max(0.0, oldest + self.max_wait_s - time.monotonic())
+        now = time.monotonic()
+        return max(0.0, min(js[0].enqueued + self._window(js[0].key, now)[1] - now for js in self._groups()))
 
     def _work(self) -> None:
         while True:
@@ -124,12 +168,14 @@ class Batcher:
                 for job in group:
                     self._pending.remove(job)
                 self._running += len(group)
+                self._running_rows += sum(len(j.items) for j in group)
                 self._set_depth()
             try:
                 self._run(group)
             finally:
                 with self._cond:
                     self._running -= len(group)
+                    self._running_rows -= sum(len(j.items) for j in group)
                     self._cond.notify_all()
 
     def _run(self, group: list[Job]) -> None:
@@ -147,6 +193,11 @@ class Batcher:
                 _resolve(job, exception=err)
             return
         self.metrics.record_batch(group[0].kind, len(rows), bucket, result.seconds)
+        finished = time.monotonic()
+        with self._cond:
+            self._last[group[0].key] = LastBatch(len(rows), finished, finished - start)
+            rate = len(rows) / max(finished - start, 1e-6)
+            self._rows_per_s = rate if self._rows_per_s is None else 0.7 * self._rows_per_s + 0.3 * rate
         offset = 0
         for job in group:
             n = len(job.items)

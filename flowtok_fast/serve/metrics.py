@@ -29,6 +29,7 @@ class ServeMetrics:
                                        f"images generated per second over the last {RATE_WINDOW_S:.0f} s", registry=r)
         self.rejected = Counter("flowtok_serve_rejected_requests", "requests refused, by reason",
                                 ["reason"], registry=r)
+        self.responses = Counter("flowtok_serve_responses", "responses sent, by HTTP status code", ["code"], registry=r)
         self._recent = collections.deque()  # (time, images)
         self._lock = threading.Lock()
 

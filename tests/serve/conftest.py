@@ -49,7 +49,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(state):
+def running_server(state, health_headers=None):
     """A uvicorn server for `state` on a free port in a thread; yields its base URL once ready."""
     import uvicorn
 
@@ -75,10 +75,14 @@ def running_server(state):
         thread.join(timeout=30)
 
 
-def make_state(engine, buckets=(1, 4, 16), max_wait_ms=300.0, max_queue=64, timeout_s=60.0):
+def make_state(engine, buckets=(1, 4, 16), max_wait_ms=300.0, max_queue=64, timeout_s=60.0, **kw):
+    """kw: ServerState's access settings; the Host names default to the server's own default list
+    plus TestClient's 'testserver'."""
     from flowtok_fast.serve.app import ServerState
+    from flowtok_fast.serve.middleware import LOCAL_NAMES
 
-    return ServerState(engine, list(buckets), max_wait_ms, max_queue, timeout_s, SamplingOptions(steps=1))
+    kw.setdefault("allowed_hosts", [*LOCAL_NAMES, "testserver"])
+    return ServerState(engine, list(buckets), max_wait_ms, max_queue, timeout_s, SamplingOptions(steps=1), **kw)
 
 
 def metric(url: str, name: str, labels: str = "") -> float:

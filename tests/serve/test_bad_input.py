@@ -74,7 +74,8 @@ def test_invalid_json_is_a_400(client, raw):
 
 
 def test_a_50_mb_body_is_refused_with_413(client):
-    r = client.post("/v1/images", content=b"{" + b" " * (50 * 1024 * 1024) + b"}")
+    r = client.post("/v1/images", content=b"{" + b" " * (50 * 1024 * 1024) + b"}",
+                    headers={"content-type": "application/json"})
     assert r.status_code == 413, r.text
     assert "bytes" in r.json()["error"]["message"]
 

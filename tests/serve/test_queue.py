@@ -17,7 +17,7 @@ class GatedEngine:
     """The real tiny engine, but each batch waits for `gate` (warm-up does not)."""
 
     def __init__(self, engine):
-        self.engine, self.captioner = engine, engine.captioner
+        self.engine, self.captioner, self.pipe, self.resolution = engine, engine.captioner, engine.pipe, engine.resolution
         self.gate, self.entered = threading.Event(), threading.Event()
 
     def warm(self, buckets, opts):
@@ -56,7 +56,7 @@ def run_scenario(engine, state, body):
         # a client that goes away is taken out of the queue
         raw = b'{"prompt": "gone", "steps": 1}'
         sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
-        sock.sendall(b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/images HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw))
         wait_for(lambda: depth() == 1, "the raw request to be queued")
         sock.close()
