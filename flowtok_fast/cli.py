@@ -263,6 +263,7 @@ PASSTHROUGH = {  # verbs whose module owns its whole argument list (and its --he
     "export": "flowtok_fast.deploy.export",
     "tokenize": "flowtok_fast.deploy.tokenize_ids",
     "serve": "flowtok_fast.serve.main",
+    "distill": "flowtok_fast.train.distill",
 }
 PASSTHROUGH_HELP = {
     "plan": "per-GPU memory and recomputation planner (plan --help)",
@@ -276,8 +277,9 @@ PASSTHROUGH_HELP = {
     "export": "a model -> an AOTInductor package directory, loaded without compiling (export --help)",
     "tokenize": "prompts -> CLIP token ids (+ seeded noise) for the C++ runner flowtok-run (tokenize --help)",
     "serve": "batching HTTP server: images, captions, /metrics, a web page (serve --help)",
+    "distill": "a model directory -> a few-step student with guidance built in (distill --help; also takes --threads N)",
 }
-THREADS_FOR_MODULE = ("train-tokenizer",)  # --threads is taken here: their parsers do not know it
+THREADS_FOR_MODULE = ("train-tokenizer", "distill")  # --threads is taken here: their parsers do not know it
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -456,7 +456,8 @@ def test_debug_shows_the_traceback(capsys, monkeypatch):
 def test_help_texts(capsys):
     code, out, _ = run_cli(["generate", "--help"], capsys)
     assert code == 0
-    for default in ("default: 20", "default: 2.0", "(default: 0)", "default: 16", "(default: outputs/grid.png)"):
+    for default in ("the model's recommendation, else 20", "the model's recommendation, else 2.0", "(default: 0)",
+                    "default: 16", "(default: outputs/grid.png)"):
         assert default in " ".join(out.split()), default
     code, out, _ = run_cli(["example", "--help"], capsys)
     assert code == 0 and "shapes" in out

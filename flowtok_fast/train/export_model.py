@@ -206,6 +206,11 @@ def export_model(checkpoint: str | Path, out: str | Path, use_ema: bool = False,
     out = Path(out)
     _check_out(out)
     checkpoint = find_checkpoint(checkpoint)
+    raw = train_ckpt.read_config(checkpoint)
+    if "teacher" in raw:  # a distillation run: the student beside its teacher's other networks
+        from flowtok_fast.train.distill_export import export_from_checkpoint
+
+        return export_from_checkpoint(checkpoint, raw, out, use_ema)
     cfg = train_config(checkpoint)
     source = checkpoint / train_ckpt.CONFIG_FILE
     i2t = cfg.direction == "i2t"
