@@ -119,7 +119,7 @@ def test_export_model_needs_force_to_replace_a_directory(tmp_path, capsys):
     out.mkdir()
     (out / "config.json").write_text("{}")
     code, _, err = run_cli(["export-model", str(tmp_path / "no-run"), "--out", str(out)], capsys)
-    assert_one_line(code, err, "export-model", f"--out {out} exists", "--force")
+    assert_one_line(code, err, "export-model", f"--out {out} exists and holds a model", "--force")
     assert files_under(tmp_path) == ["model", "model/config.json"] and (out / "config.json").read_text() == "{}"
     code, _, err = run_cli(["export-model", str(tmp_path / "no-run"), "--out", str(out), "--force"], capsys)
     assert_one_line(code, err, "export-model", "no-run")  # past the --out check, to the (missing) checkpoint

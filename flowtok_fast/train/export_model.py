@@ -259,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace an existing model directory at --out")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
-    if out.is_dir() and any(out.iterdir()) and not args.force:  # as `flowtok-fast export`: never overwrite silently
-        raise UserError(f"--out {out} exists and is not empty: pass --force to replace it")
+    if (out / ckpt.CONFIG_FILE).is_file() and not args.force:  # as `flowtok-fast export`: never replaced silently
+        raise UserError(f"--out {out} exists and holds a model: pass --force to replace it")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     out = export_model(args.checkpoint, args.out, args.ema, args.clip, args.tokenizer)

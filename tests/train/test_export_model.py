@@ -82,7 +82,9 @@ def test_export_replaces_a_model_dir_and_refuses_other_outs(runs, tmp_path):
     _, ckpt = runs["t2i"]
     out = tmp_path / "model"
     main([str(ckpt), "--out", str(out)])
-    main([str(ckpt), "--out", str(out), "--ema"])  # over a previous export
+    with pytest.raises(UserError, match="pass --force"):
+        main([str(ckpt), "--out", str(out), "--ema"])
+    main([str(ckpt), "--out", str(out), "--ema", "--force"])  # over a previous export
     assert json.loads((out / "training.json").read_text())["ema"] is True
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary left behind
     (tmp_path / "file").write_text("x")
