@@ -87,11 +87,18 @@ class FlowTokCaptioner:
                 TextDecoder(config.text_vae, config.clip.vocab_size))
 
     @classmethod
-    def random(cls, config: FlowTokConfig | str = "tiny", seed: int = 0, **kw) -> "FlowTokCaptioner":
-        """Random weights: captions are gibberish by design (tests, demos)."""
+    def random(cls, config: FlowTokConfig | str = "tiny", seed: int = 0, flowing: bool = False,
+               **kw) -> "FlowTokCaptioner":
+        """Random weights: captions are gibberish by design (tests, demos). flowing: DiT's
+        zero-initialised layers drawn too (from seed + 1), else the flow does not move at all."""
+        from flowtok_fast.untrained import make_flow_move
+
         config = get_config(config) if isinstance(config, str) else config
         torch.manual_seed(seed)
-        return cls(config, *cls.build(config), **kw)
+        captioner = cls(config, *cls.build(config), **kw)
+        if flowing:
+            make_flow_move(captioner.generator, seed + 1)
+        return captioner
 
     @classmethod
     def from_pretrained(cls, directory: str, **kw) -> "FlowTokCaptioner":

@@ -203,8 +203,9 @@ def cmd_caption(args) -> int:
     if args.model_dir:
         cap = FlowTokCaptioner.from_pretrained(args.model_dir, **kw)
     else:
-        print("note: --random-weights: captions are gibberish by design.", file=sys.stderr)
-        cap = FlowTokCaptioner.random(args.config, **kw)
+        print(f"note: --random-weights: the '{args.config}' model is untrained: its captions are gibberish (this "
+              "checks the install)", file=sys.stderr)
+        cap = FlowTokCaptioner.random(args.config, flowing=True, **kw)
     print(why, file=sys.stderr)  # stdout holds the captions (or JSON)
     opts = cap.sampling_options(steps=args.steps, cfg_scale=args.cfg)  # not given: the model's recommendation
     print(cap.sampling.describe(opts), file=sys.stderr)

@@ -70,11 +70,18 @@ class FlowTokPipeline:
         )
 
     @classmethod
-    def random(cls, config: FlowTokConfig | str = "tiny", seed: int = 0, **kw) -> "FlowTokPipeline":
-        """Random weights: images are noise by design (tests, demos, benchmarks)."""
+    def random(cls, config: FlowTokConfig | str = "tiny", seed: int = 0, flowing: bool = False,
+               **kw) -> "FlowTokPipeline":
+        """Random weights: images are noise by design (tests, demos, benchmarks). flowing: DiT's
+        zero-initialised layers drawn too (from seed + 1), else the flow does not move at all."""
+        from flowtok_fast.untrained import make_flow_move
+
         config = get_config(config) if isinstance(config, str) else config
         torch.manual_seed(seed)
-        return cls(config, *cls.build(config), **kw)
+        pipe = cls(config, *cls.build(config), **kw)
+        if flowing:
+            make_flow_move(pipe.generator, seed + 1)
+        return pipe
 
     @classmethod
     def from_official(cls, checkpoint: str, tokenizer: str, clip: str, **kw) -> "FlowTokPipeline":

@@ -83,6 +83,7 @@ class DistillTrainer(TrainLoop):
         self.cfg_scale = cfg.cfg_scale if cfg.cfg_scale is not None else self.teacher.sampling.cfg_scale
         self.targets = TeacherTrajectories(self.teacher, self.direction, cfg.student_steps, cfg.teacher_steps,
                                            self.cfg_scale, cfg.teacher_sampler)
+        torch.manual_seed(cfg.seed)  # the step embedder's first layer: the same on every rank and every run
         self.student = make_student(self.teacher.generator, self.teacher.config.text_vae).to(self.device)
         self.objective = DistillObjective(self.student)
         self.model = parallelize(self.objective, cfg.parallelism, self.device, cfg.fused_kernels, cfg.recompute,

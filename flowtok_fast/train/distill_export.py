@@ -4,6 +4,7 @@ the step counts it was distilled for and the guidance built into it. Written bes
 and renamed into place: complete or absent."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -59,7 +60,8 @@ def export_student(teacher, student, ema, cfg, cfg_scale: float, force: bool = F
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        ckpt.save_pretrained(tmp, teacher.config, components, storage.get("dtype", "float32"),
+        config = dataclasses.replace(teacher.config, generator=final.cfg)  # step_conditioning on
+        ckpt.save_pretrained(tmp, config, components, storage.get("dtype", "float32"),
                              vocab["rows"] if vocab else None, student_recipe(cfg.student_steps, cfg_scale).to_dict())
         record = {"teacher": str(Path(cfg.teacher).resolve()), "direction": "i2t" if i2t else "t2i", "step": None,
                   "ema": use_ema, "distill_config": cfg.to_dict(),
