@@ -134,7 +134,7 @@ def measure_copy_ceiling(device: torch.device, repeats: int = 5, mib: int | None
 
 def bench_inference(model: str, modes: list[str], batch: int, steps: int, cfg: float, resolution: int, repeats: int,
                     device: str | None, ceiling: dict, env: dict, dtype: torch.dtype | None = None,
-                    package: str | None = None) -> list[dict]:
+                    package: str | None = None, student_steps: int | None = None) -> list[dict]:
     records = []
     config = get_config(model, resolution)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -147,6 +147,20 @@ def bench_inference(model: str, modes: list[str], batch: int, steps: int, cfg: f
     with dev:  # random weights made on the device: a 1B-parameter init on the host takes a while
         parts = FlowTokPipeline.build(config)
     pipe = FlowTokPipeline(config, *parts, device=dev, dtype=dtype)
+    runs = [(pipe, steps, cfg, False)]
+    if student_steps:  # the same network as a few-step student: one row per image, guidance built in
+        from flowtok_fast.train.distill import make_student
+
+        student = FlowTokPipeline(config, parts[0], make_student(parts[1], config.text_vae), parts[2], device=dev, dtype=dtype)
+        runs.append((student, student_steps, 1.0, True))
+    for pipe, steps, cfg, is_student in runs:
+        records += _bench_modes(pipe, config, model, modes, batch, steps, cfg, repeats, ceiling, env, package, is_student)
+    return records
+
+
+def _bench_modes(pipe, config, model: str, modes: list[str], batch: int, steps: int, cfg: float, repeats: int,
+                 ceiling: dict, env: dict, package: str | None, is_student: bool) -> list[dict]:
+    records = []
     e2e = flops.end_to_end(config, steps, cfg)
     for mode in modes:
         reason = skip_reason(mode, pipe.device)
@@ -154,7 +168,8 @@ def bench_inference(model: str, modes: list[str], batch: int, steps: int, cfg: f
             records.append({"benchmark": "skipped", "model": config.name, "mode": mode, "reason": reason})
             save(records[-1])
             continue
-        print(f"measuring {model} {mode} ...", file=sys.stderr, flush=True)
+        print(f"measuring {model} {mode}{' student' if is_student else ''} ({steps} steps, cfg {cfg:g}) ...",
+              file=sys.stderr, flush=True)
         load_warning(_LOAD)
         r = run_mode(pipe, mode, batch, steps, cfg, repeats, package)
         load_warning(_LOAD)
@@ -162,7 +177,7 @@ def bench_inference(model: str, modes: list[str], batch: int, steps: int, cfg: f
         flow_rate = e2e["flow"] * batch / r["stages_s"]["flow"]
         records.append({
             "benchmark": "throughput", "model": config.name, "resolution": config.tokenizer.resolution, "batch": batch,
-            "steps": steps, "cfg": cfg, "dtype": str(pipe.dtype).removeprefix("torch."), **r, **env, **ceiling,
+            "steps": steps, "cfg": cfg, "student": is_student, "dtype": str(pipe.dtype).removeprefix("torch."), **r, **env, **ceiling,
             "flops_per_image": e2e["total"], "achieved_tflops": achieved / 1e12,
             "mfu": achieved / (ceiling["ceiling_tflops"] * 1e12), "flow_mfu": flow_rate / (ceiling["ceiling_tflops"] * 1e12),
         })
@@ -251,11 +266,19 @@ def print_table(records: list[dict]) -> None:
             print(f"{r['model']:>6} {r['resolution']:>4} {r['batch']:>5} {r['steps']:>5} {r['mode']:>15} "
                   f"{r['images_per_s']:8.3g} {spread:>14} {100 * r['mfu']:5.1f}% {peak:>8} {split}")
         # every mode against the eager reference path of the same model, measured in this run
-        eager = {r["model"]: r["images_per_s"] for r in inf if r["mode"] == "eager"}
+        eager = {r["model"]: r["images_per_s"] for r in inf if r["mode"] == "eager" and not r.get("student")}
         for r in inf:
-            if r["mode"] != "eager" and r["model"] in eager:
+            if r["mode"] != "eager" and r["model"] in eager and not r.get("student"):
                 print(f"{r['model']} {r['mode']} vs eager: x{r['images_per_s'] / eager[r['model']]:.2f}")
-        compiled = {r["model"]: r["images_per_s"] for r in inf if r["mode"] == "compiled"}
+        # a few-step student against the multi-step CFG teacher, same model and mode
+        teacher = {(r["model"], r["mode"]): r for r in inf if not r.get("student")}
+        for r in inf:
+            t = teacher.get((r["model"], r["mode"])) if r.get("student") else None
+            if t:
+                shares = ", ".join(f"{s} {100 * r['stages_s'][s] / r['seconds_median']:.0f}%" for s in STAGES)
+                print(f"{r['model']} {r['mode']}: {r['steps']}-step student vs {t['steps']}-step cfg {t['cfg']:g} teacher: "
+                      f"x{r['images_per_s'] / t['images_per_s']:.1f} images/s; the student's time: {shares}")
+        compiled = {r["model"]: r["images_per_s"] for r in inf if r["mode"] == "compiled" and not r.get("student")}
         for r in inf:
             if r["mode"] == "package":
                 vs = f", x{r['images_per_s'] / compiled[r['model']]:.2f} vs compiled" if r["model"] in compiled else ""
@@ -296,6 +319,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--package", default=None,
                    help="mode package: time this exported package (built for --batch/--steps/--cfg) instead of exporting one")
     p.add_argument("--fused-kernels", action="store_true", help="also measure the Triton kernels (adds mode 'fused')")
+    p.add_argument("--student-steps", type=int, default=None,
+                   help="also measure the same model as an N-step distilled student (cfg 1: one row per image)")
     p.add_argument("--train-batch", type=int, default=64 if on_gpu else 2, help="per-device batch of the training step; 0: none")
     p.add_argument("--train-model", nargs="+", default=None,
                    help="models for the training step (default: --model on CUDA, tiny on CPU)")
@@ -323,7 +348,7 @@ def main(argv=None) -> list[dict]:
         if args.fused_kernels and "fused" not in modes:
             modes = modes + ["fused"]
         records += bench_inference(model, modes, args.batch, args.steps, args.cfg, args.resolution, args.repeats,
-                                   args.device, ceiling, env, dtype, args.package)
+                                   args.device, ceiling, env, dtype, args.package, args.student_steps)
     if args.train_batch > 0:
         for model in args.train_model or (args.model if dev.type == "cuda" else ["tiny"]):
             records.append(bench_train(model, args.train_batch, args.repeats, args.device, args.train_ops,
