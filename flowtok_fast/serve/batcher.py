@@ -1,12 +1,12 @@
 """The request queue and its single model thread.
 
 Jobs with the same key (kind, steps, cfg, sampler, grid) can share a batch, padded to the smallest
-bucket that holds it (the engine drops the padding rows). When a group runs, adapting to the
-arrival rate: the rows a key's previous batch answered are the rows expected back within one batch
-time (closed-loop clients resend when answered; an open stream at rate r brings r x batch time), so
-a group runs as soon as it holds that many rows (or the largest bucket), or once its oldest job has
-waited one batch time. With no batch of the key in the last batch time, the plain `max_wait_s`
-window applies. At concurrency 1 the expected count is 1: no wait at all.
+bucket that holds it (the engine drops the padding rows). When a group runs adapts to the arrivals:
+when a key's batch finishes, the rows it answered plus the rows of that key still waiting are the
+rows expected for its next batch (closed-loop clients resend once answered; an open stream at rate r
+brings about r x batch time), so a group runs as soon as it holds that many rows (or the largest
+bucket), or once its oldest job has waited one batch time. With no batch of the key in the last
+batch time, the plain `max_wait_s` window applies. At concurrency 1 the expected count is 1: no wait.
 
 The queue is bounded in rows: a job larger than the whole queue can never run (TooLarge -> 413); one
 that would overflow it now is refused with the time the queue takes to drain at its measured rate
@@ -40,7 +40,7 @@ class TooLarge(Exception):
 
 @dataclass
 class LastBatch:
-    rows: int  # real rows it answered
+    expected: int  # rows it answered + rows of its key waiting when it finished
     finished: float  # time.monotonic()
     seconds: float  # its wall time
 
@@ -123,12 +123,14 @@ class Batcher:
     def _set_depth(self) -> None:
         self.metrics.queue_depth.set(sum(len(j.items) for j in self._pending))
 
-    def _window(self, key: tuple, now: float) -> tuple[int, float]:
-        """(rows expected, longest wait) for a group of `key`: see the module docstring."""
-        last = self._last.get(key)
-        if last is not None and now - last.finished <= max(last.seconds, self.max_wait_s):
-            return min(last.rows, self.largest), max(last.seconds, self.max_wait_s)
-        return self.largest, self.max_wait_s
+    def _deadline(self, jobs: list[Job]) -> tuple[int, float]:
+        """(rows expected, when to run anyway) for a group of one key: see the module docstring. The
+        wait counts from when the key's previous batch finished: jobs that came in while it ran
+        have not been waiting on the window."""
+        last = self._last.get(jobs[0].key)
+        if last is not None and time.monotonic() - last.finished <= max(last.seconds, self.max_wait_s):
+            return min(last.expected, self.largest), max(jobs[0].enqueued, last.finished) + max(last.seconds, self.max_wait_s)
+        return self.largest, jobs[0].enqueued + self.max_wait_s
 
     def _groups(self) -> list[list[Job]]:
         groups: dict[tuple, list[Job]] = {}
@@ -140,8 +142,8 @@ class Batcher:
         """The group to run now (oldest ready key first), or None; called under the lock."""
         now = time.monotonic()
         for jobs in self._groups():
-            expected, wait = self._window(jobs[0].key, now)
-            if sum(len(j.items) for j in jobs) >= expected or now - jobs[0].enqueued >= wait:
+            expected, deadline = self._deadline(jobs)
+            if sum(len(j.items) for j in jobs) >= expected or now >= deadline:
                 taken, rows = [], 0
                 for j in jobs:  # FIFO, whole jobs, up to the largest bucket
                     if rows + len(j.items) > self.largest:
@@ -154,8 +156,7 @@ class Batcher:
     def _wait_time(self) -> float | None:
         if not self._pending:
             return None
-        now = time.monotonic()
-        return max(0.0, min(js[0].enqueued + self._window(js[0].key, now)[1] - now for js in self._groups()))
+        return max(0.0, min(self._deadline(js)[1] for js in self._groups()) - time.monotonic())
 
     def _work(self) -> None:
         while True:
@@ -195,7 +196,8 @@ class Batcher:
         self.metrics.record_batch(group[0].kind, len(rows), bucket, result.seconds)
         finished = time.monotonic()
         with self._cond:
-            self._last[group[0].key] = LastBatch(len(rows), finished, finished - start)
+            waiting = sum(len(j.items) for j in self._pending if j.key == group[0].key)
+            self._last[group[0].key] = LastBatch(len(rows) + waiting, finished, finished - start)
             rate = len(rows) / max(finished - start, 1e-6)
             self._rows_per_s = rate if self._rows_per_s is None else 0.7 * self._rows_per_s + 0.3 * rate
         offset = 0
