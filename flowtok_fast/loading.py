@@ -33,7 +33,7 @@ def load_text_to_image(model_dir: str | None = None, checkpoint: str | None = No
     if random_config is None:
         raise UserError(NO_WEIGHTS)
     cfg = get_config(random_config, resolution) if isinstance(random_config, str) else random_config
-    return FlowTokPipeline.random(cfg, **kw)
+    return FlowTokPipeline.random(cfg, flowing=True, **kw)  # untrained, but its flow moves (untrained.py)
 
 
 def load_package(directory: str | Path, *, model=None, **expect):

@@ -32,3 +32,15 @@ def test_caption_random_weights_says_untrained(tmp_path, capsys):
     code, out, err = run_cli(["caption", good_image(tmp_path / "a.png"), *RANDOM, "--steps", "1"], capsys)
     assert code == 0 and out.startswith(str(tmp_path / "a.png"))
     assert "--random-weights: the 'tiny' model is untrained" in err
+
+
+def test_generate_random_weights_flows_and_says_untrained(tmp_path, capsys):
+    grids = []
+    for cfg in ("1", "4"):
+        out = tmp_path / f"cfg{cfg}.png"
+        code, stdout, err = run_cli(["generate", *RANDOM, "--prompt", "a cat", "--steps", "2", "--cfg", cfg,
+                                     "--out", str(out)], capsys)
+        assert code == 0, err
+        assert "--random-weights: the 'tiny' model is untrained" in stdout
+        grids.append(out.read_bytes())
+    assert grids[0] != grids[1]  # guidance acts: the velocity is not 0
