@@ -3,7 +3,9 @@ number of requests at each concurrency (mixed prompts and seeds; each level also
 --level-seconds), and reports req/s, images/s, latency p50/p95/p99, mean batch fill (from the
 server's /metrics), failures, and the offline images/s of benchmarks/throughput.py (eager, random
 token ids, no PNG encoding) at batch 1 and at the largest bucket, measured in the same run before
-the server starts (so the two never share the cores).
+the server starts (so the two never share the cores). `served/offline` is a level's images/s over
+the offline images/s at the largest bucket (issue 20's target at concurrency 16: >= 0.85, with a
+mean batch fill >= 0.95). The commit and the load average before and after each level are recorded.
 
     python benchmarks/serve_load.py                         # tiny, concurrency 1 4 16 64
     python benchmarks/serve_load.py --model B --concurrency 1 16 --steps 20
@@ -126,7 +128,7 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    p.add_argument("--requests", type=int, default=None, help="requests per level (default: max(16, 3 x concurrency))")
+    p.add_argument("--requests", type=int, default=None, help="requests per level (default: max(32, 6 x concurrency))")
     p.add_argument("--level-seconds", type=float, default=60.0, help="each level stops after this long")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--cfg", type=float, default=2.0)
@@ -141,7 +143,12 @@ def main(argv=None) -> list[dict]:
 
         torch.set_num_threads(args.threads)
 
-    print("offline throughput (benchmarks/throughput.py, eager) ...", file=sys.stderr, flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "flowtok_fast/serve", "benchmarks/serve_load.py"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    commit += "+uncommitted" if dirty else ""
+    print(f"commit {commit}; load average {os.getloadavg()[0]:.1f}; offline throughput (benchmarks/throughput.py, "
+          "eager) ...", file=sys.stderr, flush=True)
     largest = max(args.buckets)
     offline = offline_images_per_s(args.model, sorted({1, largest}), args.steps, args.cfg, args.repeats)
     port = free_port()
@@ -151,13 +158,14 @@ def main(argv=None) -> list[dict]:
     try:
         for c in args.concurrency:
             print(f"concurrency {c} ...", file=sys.stderr, flush=True)
-            total = args.requests or max(16, 3 * c)
+            total = args.requests or max(32, 6 * c)
+            load_before = os.getloadavg()[0]
             r = asyncio.run(level(f"http://127.0.0.1:{port}", c, total, args.level_seconds, args.steps, args.cfg))
-            r.update(benchmark="serve_load", model=args.model, steps=args.steps, cfg=args.cfg, buckets=args.buckets,
-                     max_wait_ms=args.max_wait_ms, offline_images_per_s_batch1=offline[1],
+            r.update(benchmark="serve_load", commit=commit, model=args.model, steps=args.steps, cfg=args.cfg,
+                     buckets=args.buckets, max_wait_ms=args.max_wait_ms, offline_images_per_s_batch1=offline[1],
                      offline_images_per_s_largest=offline[largest], direct_call_ms=offline["direct_call_ms"],
-                     load_avg=os.getloadavg()[0],
-                     cpus=os.cpu_count())
+                     served_over_offline=r["images_per_s"] / offline[largest],
+                     load_avg_before=load_before, load_avg=os.getloadavg()[0], cpus=os.cpu_count())
             records.append(r)
             os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
             with open(args.results, "a") as f:
@@ -165,15 +173,16 @@ def main(argv=None) -> list[dict]:
     finally:
         proc.terminate()
         proc.wait(timeout=120)
-    print(f"\n{args.model}, {args.steps} steps, cfg {args.cfg}, buckets {args.buckets}, max wait {args.max_wait_ms:g} ms; "
+    print(f"\ncommit {commit}: {args.model}, {args.steps} steps, cfg {args.cfg}, buckets {args.buckets}, max wait {args.max_wait_ms:g} ms; "
           f"offline (eager): {offline[1]:.2f} images/s at batch 1, {offline[largest]:.2f} at batch {largest}; "
           f"direct pipe([prompt]) call {offline['direct_call_ms']:.0f} ms (median); load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores")
     print(f"{'conc':>5} {'reqs':>5} {'fail':>4} {'req/s':>7} {'img/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-          f"{'batches':>7} {'fill':>5}")
+          f"{'batches':>7} {'fill':>5} {'served/offline':>14} {'load':>9}")
     for r in records:
         print(f"{r['concurrency']:>5} {r['requests']:>5} {r['failed']:>4} {r['req_per_s']:>7.2f} {r['images_per_s']:>7.2f} "
-              f"{r['p50_ms']:>8.0f} {r['p95_ms']:>8.0f} {r['p99_ms']:>8.0f} {r['batches']:>7.0f} {r['mean_batch_fill']:>5.2f}")
+              f"{r['p50_ms']:>8.0f} {r['p95_ms']:>8.0f} {r['p99_ms']:>8.0f} {r['batches']:>7.0f} {r['mean_batch_fill']:>5.2f} "
+              f"{r['served_over_offline']:>14.2f} {r['load_avg_before']:>4.1f}-{r['load_avg']:<4.1f}")
     return records
 
 
