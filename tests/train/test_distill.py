@@ -154,3 +154,26 @@ def test_bad_input_is_one_line_exit_2_nothing_written(teacher_dir, tmp_path, cap
     line = _refused([*run[:-1], "lr=0.5", "progress=false", "--force"], capsys, "resuming with changed settings")
     assert "lr=0.5" in line
     assert sorted(p.name for p in (tmp_path / "s4.run" / "checkpoints").iterdir()) == before
+
+
+def test_a_student_runs_compiled_and_as_an_exported_package(tmp_path):
+    """The static paths bake the step size in: compiled sampler and AOTInductor package equal eager."""
+    from flowtok_fast.deploy.export import export_package
+    from flowtok_fast.loading import load_package
+
+    teacher = flowing_tiny(0)
+    gen = make_student(teacher.generator, teacher.config.text_vae)
+    with torch.no_grad():  # a trained student's embedder is not zero: make the step size matter
+        gen.step_embedder.mlp[2].weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    student = FlowTokPipeline(teacher.config, teacher.clip, gen, teacher.tokenizer, device="cpu")
+    prompts = ["a red cat", "a blue dog"]
+    eager = student(prompts, steps=1, cfg_scale=1.0, grid="consistent", seed=3, output="tensor")
+    plain = FlowTokPipeline(teacher.config, teacher.clip, teacher.generator, teacher.tokenizer, device="cpu")
+    # the untrained decoder draws nearly black images: judge against how much the step size changes them
+    moved = (eager - plain(prompts, steps=1, cfg_scale=1.0, grid="consistent", seed=3, output="tensor")).abs().max()
+    assert moved > 0
+    compiled = FlowTokPipeline(teacher.config, teacher.clip, gen, teacher.tokenizer, device="cpu", sampler_mode="compile")
+    assert (compiled(prompts, steps=1, cfg_scale=1.0, grid="consistent", seed=3, output="tensor") - eager).abs().max() < moved / 100
+    package = export_package(student, tmp_path / "pkg", 2, 1, 1.0, "consistent", progress=False)
+    packaged = load_package(package, model=student)(prompts, seed=3, output="tensor")
+    assert (packaged - eager).abs().max() < moved / 100
