@@ -17,12 +17,12 @@ measured in the order given):
                      once per run into a temporary directory (export_s, reported apart) and
                      loaded (load_s); only when asked for: `--modes compiled package`
 The modes and their timing live in benchmarks/throughput_modes.py. --dtype auto (the default)
-is bf16 on CUDA and on CPUs with native bf16 (avx512_bf16 or AMX), fp32 elsewhere; it is printed.
+is bf16 on CUDA and fp32 on every CPU (flowtok_fast/deploy/dtype.py; --dtype bf16 opts in); it is printed.
 Each stage (CLIP, text VAE, flow loop, decoder) is timed separately after a warm-up; the median
 batch time over --repeats is reported with its spread (min-max images/s). FLOPs per image come
 from flowtok_fast/perf/flops.py (FlopCounterMode: 2 FLOPs per multiply-accumulate of matmuls and
-attention); MFU divides the achieved FLOP rate by a ceiling MEASURED here on the same device: a
-large matmul (bf16 8192^3 on GPU, fp32 2048^3 on CPU), timed; the device-to-device copy
+attention); MFU divides the achieved FLOP rate by a ceiling MEASURED here on the same device, in
+the dtype that ran: a large matmul (8192^3 on GPU, 2048^3 on CPU; its best repeat); the device-to-device copy
 bandwidth is measured beside it (the memory ceiling). The training step (--train-batch)
 runs forward + backward of the generator with the FlowTok objective (flow + alignment + KL) and
 an AdamW step on random latents and CLIP features; MFU counts model FLOPs (no recomputation).
@@ -94,9 +94,11 @@ def environment(device: torch.device) -> dict:
             "commit": commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def measure_ceiling(device: torch.device, repeats: int = 5, n: int | None = None) -> dict:
-    """The matmul rate this device reaches here: bf16 8192^3 on CUDA, fp32 2048^3 on CPU (median)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def measure_ceiling(device: torch.device, repeats: int = 5, n: int | None = None, dtype: torch.dtype | None = None) -> dict:
+    """The matmul rate this device reaches in `dtype` (default: bf16 on CUDA, fp32 on CPU), 8192^3
+    on CUDA, 2048^3 on CPU: the best repeat (a ceiling; on a loaded machine the median sinks below
+    what a model run can reach in a quiet moment, and MFU would exceed 1)."""
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -111,7 +113,7 @@ def measure_ceiling(device: torch.device, repeats: int = 5, n: int | None = None
             a @ b
         _sync(device)
         times.append((time.perf_counter() - t0) / inner)
-    return {"ceiling_tflops": 2 * n**3 / statistics.median(times) / 1e12, "ceiling_matmul": f"{str(dtype)[6:]} {n}^3"}
+    return {"ceiling_tflops": 2 * n**3 / min(times) / 1e12, "ceiling_matmul": f"{str(dtype)[6:]} {n}^3"}
 
 
 def measure_copy_ceiling(device: torch.device, repeats: int = 5, mib: int | None = None) -> dict:
@@ -315,7 +317,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--modes", "--mode", nargs="+", choices=list(MODES), default=None,
                    help="default: all but package (on CPU the CUDA-only ones are skipped with the reason)")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="inference precision; auto: bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere")
+                   help="inference precision; auto: bf16 on CUDA, fp32 on every CPU")
     p.add_argument("--package", default=None,
                    help="mode package: time this exported package (built for --batch/--steps/--cfg) instead of exporting one")
     p.add_argument("--fused-kernels", action="store_true", help="also measure the Triton kernels (adds mode 'fused')")
@@ -336,23 +338,30 @@ def main(argv=None) -> list[dict]:
     _RESULTS[:] = [args.results]
     load_warning(_LOAD)
     env = environment(dev)
-    print("measuring the matmul and copy ceilings ...", file=sys.stderr, flush=True)
-    ceiling = {**measure_ceiling(dev, n=args.ceiling_size), **measure_copy_ceiling(dev)}
     from flowtok_fast.deploy.dtype import resolve_dtype
 
     dtype, why = resolve_dtype(args.dtype, dev)
     print(why, file=sys.stderr, flush=True)
+    print("measuring the matmul and copy ceilings ...", file=sys.stderr, flush=True)
+    copy, matmul = measure_copy_ceiling(dev), {}
+
+    def ceiling(ran: torch.dtype) -> dict:  # MFU divides by the matmul rate of the dtype that ran
+        if ran not in matmul:
+            matmul[ran] = measure_ceiling(dev, n=args.ceiling_size, dtype=ran)
+        return {**matmul[ran], **copy}
+
+    train_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32  # bench_train: bf16 autocast on CUDA
     records = []
     for model in [] if args.train_only else args.model:
         modes = args.modes or list(DEFAULT_MODES)
         if args.fused_kernels and "fused" not in modes:
             modes = modes + ["fused"]
         records += bench_inference(model, modes, args.batch, args.steps, args.cfg, args.resolution, args.repeats,
-                                   args.device, ceiling, env, dtype, args.package, args.student_steps)
+                                   args.device, ceiling(dtype), env, dtype, args.package, args.student_steps)
     if args.train_batch > 0:
         for model in args.train_model or (args.model if dev.type == "cuda" else ["tiny"]):
             records.append(bench_train(model, args.train_batch, args.repeats, args.device, args.train_ops,
-                                       args.recompute, ceiling, env))
+                                       args.recompute, ceiling(train_dtype), env))
             save(records[-1])
     print_table(records)
     return records

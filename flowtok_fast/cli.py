@@ -47,8 +47,8 @@ def _add_threads(p: argparse.ArgumentParser) -> None:
 
 def _add_dtype(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto: bf16 on CUDA and on CPUs with native bf16 (avx512_bf16 or AMX), fp32 elsewhere; "
-                        "the choice is printed")
+                   help="auto: bf16 on CUDA, fp32 on every CPU (the same images whatever the CPU; bf16 there "
+                        "is opt-in, faster with avx512_bf16 or AMX); the choice is printed")
 
 
 def resolve_dtype(args):

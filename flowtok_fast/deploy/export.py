@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=("euler",), default="euler", help="only Euler is exported")
     p.add_argument("--grid", choices=("reference", "consistent"), default=None, help="(default: the model's recommendation)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="auto: bf16 on CUDA and on CPUs with avx512_bf16 or AMX, fp32 elsewhere")
+                   help="auto: bf16 on CUDA, fp32 on every CPU (bf16 there is opt-in)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: the package runs only there")
     p.add_argument("--flow", choices=FLOW_MODES, default="step", help="flow stage: one step called N times, or the unrolled loop")
     p.add_argument("--out", required=True, help="the package directory to write")
