@@ -146,6 +146,8 @@ def no_cuda_no_interpreter(monkeypatch):
 def test_fused_kernels_without_cuda_are_refused_up_front(tmp_path, capsys, no_cuda_no_interpreter, no_model):
     cases = [(["train", "configs/train/tiny.yaml", "fused_kernels=true", f"output_dir={tmp_path / 'run'}"], "train",
               "fused_kernels=true needs CUDA"),
+             (["train-tokenizer", "fused_kernels=true", f"output_dir={tmp_path / 'tok'}"], "train-tokenizer",
+              "fused_kernels=true needs CUDA"),
              (["generate", *RANDOM, "--prompt", "x", "--fused-kernels", "--out", str(tmp_path / "g.png")], "generate",
               "--fused-kernels needs CUDA"),
              (["caption", str(tmp_path / "a.png"), *RANDOM, "--fused-kernels"], "caption", "--fused-kernels needs CUDA")]

@@ -382,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     if config is not None and "=" in config and not Path(config).is_file():
         overrides, config = [config, *overrides], None
     cfg = load_tokenizer_config(config, overrides)
+    if cfg.fused_kernels:  # before any model is built, as `train`
+        from flowtok_fast.validate import check_fused_kernels
+
+        check_fused_kernels("cuda" if torch.cuda.is_available() else "cpu", "fused_kernels=true")
     with distributed_run() as device:
         trainer = TokenizerTrainer(cfg, device=device)
         trainer.train()
