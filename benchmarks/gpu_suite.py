@@ -5,8 +5,9 @@ triton 3.6 preinstalled, no network); run it through scripts/gpu_suite.sh. Order
       real shapes (FLOWTOK_KERNEL_SHAPES=real: fresh seeds, NaN-poisoned outputs);
   (b) the CUDA-graph sampler against eager, and no host sync inside the loop (tests/perf);
   (c) throughput of XL and H at 256 px, batch 64, 20 steps, CFG 2.0, bf16: eager, fused and
-      fused-graph first, then compiled-graph per model (the compile-heavy modes last), with the
-      per-stage split and MFU against the matmul and copy ceilings measured in the same run;
+      fused-graph first (each model also as a 1-step distilled student: one row per image, its
+      images/s and per-stage split beside the 20-step CFG teacher's), then compiled-graph per model
+      (the compile-heavy modes last), with MFU against the matmul and copy ceilings measured in the same run;
   (d) one training step of XL and H at the planner's batch for this card (benchmarks/gpu_plan.json,
       computed on a CPU by benchmarks/gpu_train_plan.py and carried), measured vs predicted peak;
   (e) the kernel benchmark benchmarks/kernels.py --quick (GB/s vs the copy ceiling, attention
@@ -86,15 +87,16 @@ def plan_steps(out: Path, rehearse: bool, plan_file: Path) -> list[Step]:
         models, big = ["XL", "H"], ["XL", "H"]
         tp += ["--batch", "64", "--steps", "20", "--cfg", "2.0", "--resolution", "256", "--repeats", "3"]
         groups, kb = KERNEL_GROUPS, ["--quick", "--ops"]
-        budgets = dict(a=125, b=40, c1=80, c2=80, d=35, e=60)  # (a) compiles ~60 kernel variants first
+        budgets = dict(a=125, b=40, c1=95, c2=80, d=35, e=45)  # (a) compiles ~60 kernel variants first
     steps = [
         Step("(a) kernel tests", budgets["a"], [pytest + kernel_tests],
              {**tests, **kernel_env, "FLOWTOK_SUITE_STEP": "kernel tests"}),
         Step("(b) CUDA-graph sampler tests", budgets["b"],
              [pytest + ["tests/perf/test_fast_sampler.py", "-k", "cuda" if rehearse else "cuda or host_sync"]],
              {**tests, "FLOWTOK_SUITE_STEP": "sampler tests"}),
-        Step(f"(c) throughput {'+'.join(models)}: eager, fused, fused-graph", budgets["c1"],
-             [tp + ["--model", *models, "--modes", "eager", "fused", "fused-graph"]]),
+        # each model also as a 1-step distilled student (one row per image): its images/s beside the teacher's
+        Step(f"(c) throughput {'+'.join(models)}: eager, fused, fused-graph; 1-step students", budgets["c1"],
+             [tp + ["--model", *models, "--modes", "eager", "fused", "fused-graph", "--student-steps", "1"]]),
     ]
     for m in dict.fromkeys(big):
         steps.append(Step(f"(c) throughput {m}: compiled-graph", budgets["c2"], [tp + ["--model", m, "--modes", "graph"]]))
