@@ -56,11 +56,28 @@ def data_images(prompts: list[str], seeds: int = SEEDS):
     return images, captions
 
 
-def measure(pipe, prompts: list[str], steps: int, grid: str, cfg_scale: float, seeds: int = SEEDS) -> dict:
+def measure(pipe, prompts: list[str], steps: int, grid: str, cfg_scale: float, seeds: int = SEEDS, keep: list | None = None) -> dict:
+    """The scores of one setting; keep: a list the images and captions are appended to."""
     t0 = time.perf_counter()
-    scores = evaluate_open(*model_images(pipe, prompts, steps, grid, cfg_scale, seeds))
-    return {"steps": steps, "grid": grid, "cfg_scale": cfg_scale, "seeds": seeds, **scores,
+    images, captions = model_images(pipe, prompts, steps, grid, cfg_scale, seeds)
+    if keep is not None:
+        keep.append((images, captions))
+    return {"steps": steps, "grid": grid, "cfg_scale": cfg_scale, "seeds": seeds, **evaluate_open(images, captions),
             "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def sample_sheet(path: Path, labels: list[str], kept: list, prompts: list[str], per_prompt: int = 4) -> None:
+    """One row per setting: the first prompt of each caption form, `per_prompt` seeds each."""
+    from examples.shapes.run import captioned_grid
+
+    shown = [next(p for p in prompts if O.parse_open(p).form == f) for f in O.FORMS if any(O.parse_open(p).form == f for p in prompts)]
+    images, caps = [], []
+    for label, (ims, cs) in zip(labels, kept):
+        for p in shown:
+            idx = [i for i, c in enumerate(cs) if c == p][:per_prompt]
+            images += [ims[i] for i in idx]
+            caps += [f"{label}: {p}"] + [""] * (len(idx) - 1)
+    captioned_grid(images, caps, cols=len(shown) * per_prompt, path=path)
 
 
 def row(label: str, r: dict) -> str:
@@ -78,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="eval", choices=("eval", "train"))
     parser.add_argument("--out", default=None, help="JSON file for every number")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--samples", default=None, metavar="PNG", help="a sheet of samples: one row per setting")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -89,11 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}: {len(prompts)} {args.split} prompts x {args.seeds} seeds, CFG {args.cfg}, Euler")
     print("| steps, grid | fixed attributes | clean objects | coverage |\n|---|---|---|---|")
     print(row("data images", data), flush=True)
-    results = []
+    results, kept, labels = [], [] if args.samples else None, []
     for grid in args.grid:
         for steps in args.steps:
-            results.append(measure(pipe, prompts, steps, grid, args.cfg, args.seeds))
-            print(row(f"{steps}, {grid}", results[-1]), flush=True)
+            results.append(measure(pipe, prompts, steps, grid, args.cfg, args.seeds, kept))
+            labels.append(f"{steps}, {grid}")
+            print(row(labels[-1], results[-1]), flush=True)
+    if args.samples:
+        sample_sheet(Path(args.samples), labels, kept, prompts)
     if args.out:
         R.atomic_json(Path(args.out), R.rounded({
             "model": args.model, "split": args.split, "prompts": len(prompts), "data": data, "results": results,
