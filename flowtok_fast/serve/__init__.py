@@ -8,6 +8,7 @@
     batcher.py     the queue: compatible jobs grouped, an adaptive window, padded to a bucket, one model thread
     metrics.py     Prometheus metrics (prometheus-client)
     page.py        the small web page at GET /
+    uploads.py     caption bodies (JSON base64 or multipart) -> image bytes -> pixels, on the worker pool
     app.py         the FastAPI routes; parsing, decoding and PNG encoding on a worker pool
     main.py        the command line (`main(argv) -> int`), the bind check and the SIGTERM drain
 """

@@ -29,7 +29,7 @@ from PIL import Image
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
-from flowtok_fast.serve import errors, inputs, openai_api
+from flowtok_fast.serve import errors, inputs, openai_api, uploads
 from flowtok_fast.serve.batcher import Batcher, Job, QueueFull, TooLarge
 from flowtok_fast.serve.engine import Row
 from flowtok_fast.serve.errors import error
@@ -148,7 +148,6 @@ async def read_body(request: Request, timeout_s: float) -> bytes:
     except ClientDisconnect:
         raise RequestError(None, "client disconnected while sending the body", 499, "disconnected") from None
     body = b"".join(chunks)
-    request._body = body  # Starlette's cache: request.form() then parses these bytes, not the spent stream
     return body
 
 
@@ -272,22 +271,18 @@ def create_app(state: ServerState, warm_in_background: bool = True) -> FastAPI:
         require_content_type(request, "application/json", "multipart/form-data")
         raw = await read_body(request, state.body_timeout_s)
         largest = state.batcher.largest
-        if request.headers["content-type"].lower().startswith("multipart/form-data"):
-            form = await request.form(max_files=largest + 1, max_fields=len(inputs.CAPTION_FIELDS))
-            uploads = form.getlist("image")
-            if not uploads or any(isinstance(u, str) for u in uploads):
-                raise RequestError("image", "expected one or more file parts named 'image'")
-            body = {k: _form_number(k, v) for k, v in form.items() if k != "image"}
-            datas = [await u.read() for u in uploads]
+        content_type = request.headers["content-type"]
+        if content_type.lower().startswith("multipart/form-data"):
+            body, datas = await state.off_loop(uploads.parse_form, raw, content_type, largest)
         else:
-            body, datas = await state.off_loop(parse_caption_json, raw)
+            body, datas = await state.off_loop(uploads.parse_caption_json, raw)
         inputs.unknown_fields(body, inputs.CAPTION_FIELDS)
         if len(datas) > largest:  # limits first, then the (slow) decoding
             raise RequestError("image", f"{len(datas)} images: expected at most {largest}")
         given, timeout_s = inputs.options(body), inputs.timeout(body, state.request_timeout_s)
         notes: list[str] = []
         opts = sampling(cap, given, notes)
-        pixels = await state.off_loop(decode_images, datas, cap.config.tokenizer.resolution)
+        pixels = await state.off_loop(uploads.decode_images, datas, cap.config.tokenizer.resolution)
         result = await run_job(request, "captions", pixels, opts, timeout_s)
         if isinstance(result, Response):
             return result
@@ -309,32 +304,3 @@ def create_app(state: ServerState, warm_in_background: bool = True) -> FastAPI:
         return page_html(used(pipe.sampling_options()), api_key=bool(state.api_key))
 
     return app
-
-
-def parse_caption_json(raw: bytes) -> tuple[dict, list[bytes]]:
-    body = inputs.parse_json(raw)
-    if ("image" in body) == ("images" in body):
-        raise RequestError("image", "expected exactly one of 'image' (base64) or 'images' (a list)")
-    listed = body["images"] if "images" in body else [body["image"]]
-    if not isinstance(listed, list) or not listed:
-        raise RequestError("images", "expected a non-empty list of base64 strings")
-    return body, [inputs.decode_base64(f"images[{i}]" if "images" in body else "image", s) for i, s in enumerate(listed)]
-
-
-def decode_images(datas: list[bytes], resolution: int) -> list:
-    return [inputs.image_pixels("image" if len(datas) == 1 else f"image[{i}]", d, resolution)
-            for i, d in enumerate(datas)]
-
-
-def _form_number(field: str, text):
-    """Multipart fields arrive as strings: steps -> int, cfg/timeout_s -> float, the rest as is."""
-    if not isinstance(text, str):
-        raise RequestError(field, "expected a form field, got a file")
-    try:
-        if field == "steps":
-            return int(text)
-        if field in ("cfg", "timeout_s"):
-            return float(text)  # 'nan' becomes NaN and is refused by the range check
-    except ValueError:
-        raise RequestError(field, f"expected a number, got {inputs.shown(text)}") from None
-    return text

@@ -60,6 +60,12 @@ def test_a_broken_multipart_upload_uses_the_one_format(client):
     assert_error_format(r, 400)  # no boundary given
 
 
+def test_too_many_uploaded_files_are_refused_before_any_is_decoded(client):
+    files = [("image", (f"{i}.png", b"\x89PNG not decoded", "image/png")) for i in range(6)]
+    err = assert_error_format(client.post("/v1/captions", files=files), 400)
+    assert "files" in err["message"].lower() or "images" in err["message"]
+
+
 def test_every_response_has_a_request_id_echoed_when_the_client_sends_a_sane_one(client):
     ids = {client.get("/health").headers["x-request-id"], client.get("/nope").headers["x-request-id"],
            client.post("/v1/images", json={}).headers["x-request-id"]}
