@@ -86,7 +86,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--allowed-hosts", type=names, default=None,
                    help="Host header names served, comma-separated ('*': any); refuses DNS-rebinding pages "
                         "(default: localhost, 127.0.0.1, ::1 and the --host address)")
-    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+    p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                    help="a web origin (https://app.example.org) whose pages may call this server; repeatable "
                         "(default: none, cross-origin requests are refused)")
     p.add_argument("--api-key", default=None,
@@ -99,14 +99,16 @@ def build_parser() -> OneLineParser:
     p.add_argument("--buckets", type=buckets, default=DEFAULT_BUCKETS,
                    help="the static batch sizes; a batch is padded up to the next one")
     p.add_argument("--max-wait-ms", type=_positive(float), default=20.0,
-                   help="run a partly filled batch once its oldest request has waited this long")
+                   help="with no batch in the last batch time: run a partly filled batch once its oldest request "
+                        "has waited this long (otherwise the window adapts to the arrivals: batcher.py)")
     p.add_argument("--max-queue", type=_positive(int), default=256, help="queued images before 429")
     p.add_argument("--request-timeout-s", type=_positive(float), default=120.0,
                    help="longest a request waits (a request may ask for less with timeout_s)")
     p.add_argument("--mode", default="eager", choices=("eager", "compile", "graph"),
                    help="sampler: eager; compile (torch.compile); graph (CUDA: the loop as one CUDA graph)")
-    p.add_argument("--warm-steps", type=_positive(int), default=20,
-                   help="steps of the warm-up batches (compile/graph build one sampler per batch and steps)")
+    p.add_argument("--warm-steps", type=_positive(int), default=None,
+                   help="steps of the warm-up batches (compile/graph build one sampler per batch, steps and cfg; "
+                        "default: the model's recommended sampling, which requests without steps/cfg get)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--threads", type=_positive(int), default=None, help="torch CPU threads")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
@@ -212,16 +214,17 @@ def main(argv: list[str] | None = None) -> int:
     from flowtok_fast.serve.app import ServerState, create_app
 
     engine = load_engine(args)
-    warm = SamplingOptions(steps=args.warm_steps) if args.mode != "eager" else SamplingOptions(steps=1)
+    # compile/graph: warm the sampler requests without options will use (the model's recommendation)
+    warm = engine.pipe.sampling_options(steps=args.warm_steps) if args.mode != "eager" else SamplingOptions(steps=1)
     from flowtok_fast.serve.middleware import default_allowed_hosts
 
     hosts = args.allowed_hosts or default_allowed_hosts(args.host)
     state = ServerState(engine, args.buckets, args.max_wait_ms, args.max_queue, args.request_timeout_s, warm,
-                        allowed_hosts=hosts, cors_origins=args.cors_origin, workers=args.workers,
+                        allowed_hosts=hosts, cors_origins=args.cors_origin or [], workers=args.workers,
                         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, body_timeout_s=args.body_timeout_s)
     print(f"flowtok-fast serve: warming buckets {args.buckets} ({args.mode}); GET /health says 'ready' when done; "
           f"Host names served: {', '.join(hosts)}; API key: {'required' if state.api_key else 'none'}; "
-          f"CORS origins: {', '.join(args.cors_origin) or 'none'}", flush=True)
+          f"CORS origins: {', '.join(args.cors_origin or []) or 'none'}", flush=True)
     serve(create_app(state), state, sock)
     return 0
 
