@@ -12,7 +12,6 @@ import threading
 import time
 
 import httpx
-import pytest
 
 from tests.serve.conftest import free_port
 
