@@ -114,6 +114,24 @@ def test_wrong_fixed_attributes_are_caught():
         assert r["right_images"] == (fits / 8 if scored.endswith("right of") else 0.0), (drawn, scored)
 
 
+def test_shipped_tokenizer_reconstructions_score_full_marks(splits):
+    """The ceiling a generator of this task can reach: the shipped tokenizer (trained on the base task)
+    encodes and decodes open-task images, decoded with the open caption's text, cleanly and right."""
+    import torch
+
+    from examples.shapes.open_train import shipped_parts
+    from examples.shapes.run import to_tensor, to_uint8
+    from flowtok_fast.models.text import tokenize
+
+    torch.set_num_threads(1)
+    full, dec, clip = shipped_parts()
+    images, caps = _data(splits.eval[::2], 4)
+    with torch.no_grad():
+        rec = dec.decode(full.encode(to_tensor(images), sample=False), clip(tokenize(caps)))
+    r = evaluate_open(to_uint8(rec), caps)
+    assert r["fixed_attributes"] >= 0.98 and r["clean_objects"] >= 0.98
+
+
 @pytest.mark.skipif(not (TEACHER / "config.json").is_file(), reason="no shipped open-task teacher")
 def test_shipped_teacher_is_small_and_its_few_step_samples_lose():
     """Its flow is curved: 1 Euler step is clearly below 25 steps (8 evaluation prompts x 8 seeds)."""
