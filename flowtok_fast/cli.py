@@ -77,8 +77,9 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, default=256, help="tokenizer resolution for --random-weights (S..H)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--fused-kernels", action="store_true", help="use the Triton kernels (CUDA)")
-    p.add_argument("--mode", default="eager", choices=("eager", "compile", "graph", "reduce-overhead"),
-                   help="sampler: eager, compile (torch.compile), graph (CUDA: the whole loop as one CUDA graph)")
+    p.add_argument("--mode", default="eager", choices=("auto", "eager", "compile", "graph", "reduce-overhead"),
+                   help="sampler: eager, compile (torch.compile; on CPU with frozen weights), graph (CUDA: the whole "
+                        "loop as one CUDA graph), auto (the fastest for this device and dtype, printed)")
     _add_threads(p)
 
 
@@ -89,10 +90,15 @@ DEFAULT_BATCH = 16  # prompts per forward; steps, cfg, sampler and grid default 
 
 
 def load_pipeline(args):
-    kw = dict(device=args.device, fused_kernels=args.fused_kernels, sampler_mode=args.mode)
+    from flowtok_fast.deploy.mode import resolve_mode
+
+    kw = dict(device=args.device, fused_kernels=args.fused_kernels)
     kw["dtype"], why = resolve_dtype(args)
+    kw["sampler_mode"], why_mode = resolve_mode(args.mode, resolve_device(args.device), kw["dtype"])
     pipe = load_model_source(args, **kw)
     print(why)
+    if args.mode == "auto":
+        print(why_mode)
     return pipe
 
 
@@ -101,8 +107,8 @@ def load_model_source(args, **kw):
     from flowtok_fast.loading import load_text_to_image
 
     if args.random_weights and not (args.model_dir or args.checkpoint):
-        print(f"note: --random-weights: the '{args.config}' model is untrained, so the image means nothing "
-              "(with the tiny model: a nearly black 64x64 square).")
+        print(f"note: --random-weights: the '{args.config}' model is untrained (its flow moves, so every stage "
+              "runs), so the image means nothing")
     return load_text_to_image(args.model_dir, args.checkpoint, args.tokenizer, args.clip,
                               args.config if args.random_weights else None, args.resolution, **kw)
 

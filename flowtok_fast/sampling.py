@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from flowtok_fast import flow
 from flowtok_fast.errors import FlowTokWarning, UserError
-from flowtok_fast.validate import finite_float, nonneg_int, one_of, positive_int
+from flowtok_fast.validate import MAX_STEPS, finite_float, nonneg_int, one_of, positive_int
 
 OPTION_NAMES = ("steps", "cfg_scale", "method", "grid")
 
@@ -32,6 +32,8 @@ class SamplingOptions:
 
     def __post_init__(self):
         positive_int(self.steps, "steps")
+        if self.steps > MAX_STEPS:  # the server's and the CLI's bound: memory and time grow with steps
+            raise UserError(f"steps must be at most {MAX_STEPS}, got {self.steps}")
         self.cfg_scale = finite_float(self.cfg_scale, "cfg_scale")
         nonneg_int(self.seed, "seed")
         one_of(self.method, flow.METHODS, "sampler")
