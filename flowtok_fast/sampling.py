@@ -102,6 +102,10 @@ class Recipe:
         if unknown:
             raise UserError(f"unknown sampling option(s) {unknown}: expected some of {['seed', *OPTION_NAMES]}")
         opts = SamplingOptions(**{**{k: getattr(self, k) for k in OPTION_NAMES}, **given})
+        key = (id(self), opts.steps, opts.cfg_scale)
+        if key in _WARNED:  # once per model and setting, not once per batch
+            return opts
+        _WARNED.add(key)
         if self.distilled_steps and opts.steps not in self.distilled_steps:
             warnings.warn(FlowTokWarning(
                 f"steps={opts.steps}: this few-step student was distilled for steps "
@@ -118,5 +122,6 @@ class Recipe:
                 f"(model's recommendation: {self.steps} / {self.cfg_scale:g} / {self.method} / {self.grid})")
 
 
+_WARNED: set = set()
 PAPER_T2I = Recipe()  # the paper's sampler: 20 Euler steps, CFG 2.0, the reference time grid
 PAPER_I2T = Recipe(cfg_scale=1.0)  # captions: no guidance
