@@ -15,10 +15,9 @@ import tempfile
 
 from flowtok_fast import flow
 from flowtok_fast.errors import UserError
+from flowtok_fast.validate import MAX_ABS_CFG, MAX_STEPS  # noqa: F401  (the CLI's and the API's bounds)
 
 MAX_BODY_BYTES = 20 * 1024 * 1024  # a 512 px PNG is < 1 MB; anything this big is a mistake or an attack
-MAX_STEPS = 500
-MAX_ABS_CFG = 100.0
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 4000  # CLIP reads 77 tokens (~300 characters); past this it is not a prompt
 IMAGE_FIELDS = ("prompt", "prompts", "seed", "steps", "cfg", "sampler", "grid", "n", "format", "timeout_s")
