@@ -1,7 +1,7 @@
 """The static-shape sampler equals the eager `flow.sample`, without host synchronisation.
 
 CPU: the eager static loop (bitwise), the bf16 pre-cast weights (bitwise against autocast), the
-Inductor-compiled forward (to rounding). CUDA (skipped without a GPU): one CUDA graph for the
+Inductor-compiled forward (to rounding), frozen on CPU (a weight snapshot, fp32 and bf16). CUDA (skipped without a GPU): one CUDA graph for the
 whole loop, torch.compile reduce-overhead, the Triton step kernel, and no host sync under
 torch.cuda.set_sync_debug_mode("error").
 """
@@ -73,6 +73,30 @@ def test_compiled_forward_matches(generator):
     ref = flow.sample(generator, x0, steps=2, cfg_scale=2.0)
     sampler = FastSampler(generator, 2, steps=2, cfg_scale=2.0, mode="compile")
     torch.testing.assert_close(sampler(x0), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_cpu_compile_freezes_the_weights(dtype, tol):
+    """mode=compile on a CPU freezes: the output equals eager in the same dtype. In bf16 the frozen
+    linear weights are bf16 copies made once, at the first call (folded casts, oneDNN prepacking): a
+    snapshot, where an unfrozen compiled forward reads the weights as they are now. (fp32 weights,
+    and the norms in bf16, are frozen as the module's own tensors: no snapshot to see there.)"""
+    g = _generator()
+    x0 = torch.randn(2, 77, 16)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        ref = flow.sample(g, x0, steps=2, cfg_scale=2.0)
+    frozen = FastSampler(g, 2, steps=2, cfg_scale=2.0, mode="compile", dtype=dtype)
+    assert frozen.freeze and frozen.params is None  # autocast's casts are folded by Inductor
+    torch.testing.assert_close(frozen(x0), ref, rtol=tol, atol=tol)
+    if dtype == torch.float32:
+        return
+    with torch.no_grad():  # the matmul weights: the ones autocast casts and freezing folds
+        for m in g.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.mul_(1.5)
+    torch.testing.assert_close(frozen(x0), ref, rtol=tol, atol=tol)  # still the weights it froze
+    unfrozen = FastSampler(g, 2, steps=2, cfg_scale=2.0, mode="compile", dtype=dtype, freeze=False)
+    assert (unfrozen(x0) - ref).abs().max() > 10 * tol  # the changed weights: the snapshot is real
 
 
 def test_cuda_modes_refuse_cpu(generator):
