@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from flowtok_fast.configs import NUM_TOKENS, TOKEN_CHANNELS
 from flowtok_fast.deploy import manifest as mf
 from flowtok_fast.deploy.dtype import CHOICES as DTYPE_CHOICES, dtype_name, resolve_dtype
-from flowtok_fast.deploy.stages import DecodeStage, FlowLoop, FlowStep, TextStage
+from flowtok_fast.deploy.stages import DecodeStage, FlowLoop, FlowStep, TextStage, lowp_weights
 from flowtok_fast.errors import UserError
 from flowtok_fast.validate import BATCH, CFG, COUNT, STEPS
 
@@ -53,14 +53,16 @@ def stage_programs(pipe, batch: int, steps: int, cfg_scale: float, grid: str, dt
     ids = torch.zeros(batch, NUM_TOKENS, dtype=torch.long, device=dev)
     noise = torch.zeros(lat, device=dev)
     flow_cls = FlowStep if flow_mode == "step" else FlowLoop
-    flow = flow_cls(pipe.generator, batch, steps, cfg_scale, grid, dtype, kind).to(dev)
+    # bf16: the weights go in as bf16 (what autocast feeds the matmuls), stored as such
+    clip, generator, tokenizer = (lowp_weights(m, dtype) for m in (pipe.clip, pipe.generator, pipe.tokenizer))
+    flow = flow_cls(generator, batch, steps, cfg_scale, grid, dtype, kind).to(dev)
     flow_in = (noise, torch.zeros(flow.rows, device=dev)) if flow_mode == "step" else (noise,)
     flow_specs = {"x": lat, "t": [flow.rows]} if flow_mode == "step" else {"x0": lat}
     return flow, {
-        "text": (TextStage(pipe.clip, pipe.generator.context_encoder, dtype, kind), (ids, noise),
+        "text": (TextStage(clip, generator.context_encoder, dtype, kind), (ids, noise),
                  {"ids": lat[:2] + ["int64"], "noise": lat}, {"feats": feats, "z_text": lat}),
         "flow": (flow, flow_in, flow_specs, {"x": lat}),
-        "decode": (DecodeStage(pipe.tokenizer, dtype, kind), (noise, torch.zeros(feats, device=dev)),
+        "decode": (DecodeStage(tokenizer, dtype, kind), (noise, torch.zeros(feats, device=dev)),
                    {"latents": lat, "feats": feats}, {"images": [batch, 3, res, res]}),
     }
 
@@ -111,6 +113,8 @@ def export_package(pipe, out: str | Path, batch: int, steps: int = 20, cfg_scale
             "inputs": {s: p[2] for s, p in programs.items()}, "outputs": {s: p[3] for s, p in programs.items()},
             "files": files,
         }
+        if pipe.device.type == "cpu":  # what a CPU needs to run it (refused at load without)
+            manifest["cpu"] = mf.cpu_build_entry()
         write_runner_facts(tmp, manifest, pipe.config)
         mf.write(tmp, manifest)  # last: the directory is a package from here on
         _move_into_place(tmp, out)

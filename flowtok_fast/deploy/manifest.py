@@ -108,3 +108,68 @@ def check_runtime(manifest: dict, device: torch.device) -> None:
                         f"export one with --device {device.type}")
     if built.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"package built for device {manifest['device']!r}, but CUDA is not available here")
+    if built.type == "cpu":
+        check_cpu(manifest)
+
+
+# ---------------------------------------------------------------- CPU features
+# Inductor compiles a package's C++ with -march=native (every instruction set of the CPU it runs on,
+# -mavx512bf16 included where present), and oneDNN's prepacked weights are laid out for that CPU: on
+# a CPU without those instructions the program would die of SIGILL mid-run. So the manifest records
+# the build CPU's instruction-set flags, and a CPU that lacks any of them is refused at load, in one
+# line. Linux reads them from /proc/cpuinfo; elsewhere torch's own probes name the few that matter.
+
+ISA_PREFIXES = ("sse", "ssse", "avx", "fma", "f16c", "bmi", "amx", "gfni", "vaes", "vpclmulqdq", "sha_ni", "adx",
+                "movbe", "popcnt", "abm", "lzcnt", "sve", "asimd", "bf16", "i8mm")
+# cpuinfo name -> torch.cpu probe (all in torch 2.11 and 2.14; a missing probe reads as unknown)
+CPU_PROBES = {"avx2": "_is_avx2_supported", "avx512f": "_is_avx512_supported", "avx512_vnni": "_is_vnni_supported",
+              "avx512_bf16": "_is_avx512_bf16_supported", "amx_tile": "_is_amx_tile_supported"}
+NATIVE_BF16 = ("avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def _cpuinfo() -> dict[str, str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the first processor is enough
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
+
+
+def cpu_features() -> set[str]:
+    """The instruction-set flags of this CPU (cpuinfo names), torch's probes included."""
+    info = _cpuinfo()
+    found = {f for f in (info.get("flags") or info.get("Features") or "").split() if f.startswith(ISA_PREFIXES)}
+    for name, probe in CPU_PROBES.items():
+        check = getattr(torch.cpu, probe, None)
+        if check is not None:
+            (found.add if check() else found.discard)(name)
+    return found
+
+
+def cpu_build_entry() -> dict:
+    """The manifest's "cpu": what a CPU needs to run the package (the build CPU's instruction sets)."""
+    info = _cpuinfo()
+    import platform
+
+    return {"model": info.get("model name") or platform.processor() or "unknown",
+            "capability": torch.backends.cpu.get_cpu_capability(), "requires": sorted(cpu_features())}
+
+
+def check_cpu(manifest: dict) -> None:
+    """Refuses a CPU that lacks an instruction set the package was built with (packages from before
+    this entry carry no "cpu" and are not checked)."""
+    built = manifest.get("cpu")
+    if not isinstance(built, dict):
+        return
+    missing = sorted(set(built.get("requires", ())) - cpu_features())
+    if missing:
+        bf16 = [f for f in missing if f in NATIVE_BF16]
+        hint = " (a bf16 package needs native bf16: or export with --dtype fp32)" if bf16 and manifest.get("dtype") == "bf16" else ""
+        raise UserError(f"package built on a CPU with {', '.join(missing)} ({built.get('model', '?')}, Inductor compiles "
+                        f"for the build CPU), this CPU lacks them: export the package on this machine{hint}")

@@ -1,0 +1,44 @@
+"""`--mode auto|eager|compile|graph|reduce-overhead`: which sampler runs the flow, one rule for every
+verb (generate, caption, evaluate) and the server. auto picks by a rule written from measurements
+(docs/PERFORMANCE.md, "CPU inference"), and says why in one printed line, like `--dtype auto`:
+
+    CUDA             graph: the compiled forward and the whole N-step loop as ONE CUDA graph (no
+                     per-step launches; the mode the GPU suite runs)
+    CPU, bf16        compile: Inductor with frozen bf16 weights, 1.3x eager bf16 at tiny
+    CPU, fp32        eager: the GEMMs already run at MKL's speed (B: compiled = eager within 2%),
+                     so compiling only costs start-up time; the line says `--dtype bf16` is
+                     faster on a CPU with native bf16
+
+The rule never picks a mode that lost to eager in the same dtype on the CPUs we measured
+("compiled must never lose to eager"). An exported package (`--package`) is not a sampler mode: it
+needs a directory made by `flowtok-fast export`, so auto does not pick it.
+"""
+from __future__ import annotations
+
+import torch
+
+from flowtok_fast.deploy import dtype as precision
+from flowtok_fast.errors import UserError
+
+SAMPLER_MODES = ("eager", "compile", "graph", "reduce-overhead")
+CHOICES = ("auto",) + SAMPLER_MODES
+
+
+def resolve_mode(choice: str, device: torch.device | str, dtype: torch.dtype) -> tuple[str, str]:
+    """(sampler mode, why) for `choice` on `device` running in `dtype`; `why` is the line to print."""
+    if choice not in CHOICES:
+        raise UserError(f"--mode: expected one of {CHOICES}, got {choice!r}")
+    device = torch.device(device)
+    if choice != "auto":
+        return choice, f"mode {choice} (as asked)"
+    if device.type == "cuda":
+        return "graph", "mode auto -> graph (CUDA: the compiled forward, the whole loop as one CUDA graph)"
+    if device.type != "cpu":
+        return "eager", f"mode auto -> eager (no measured rule for {device.type})"
+    if dtype == torch.bfloat16:
+        if precision.cpu_has_native_bf16():
+            return "compile", "mode auto -> compile (CPU, bf16: Inductor with frozen bf16 weights beats eager)"
+        return "eager", ("mode auto -> eager (CPU, bf16 without native bf16: emulated matmuls dominate, "
+                         "compiling gains nothing; fp32 is faster here)")
+    hint = "; --dtype bf16 is faster on this CPU (native bf16)" if precision.cpu_has_native_bf16() else ""
+    return "eager", f"mode auto -> eager (CPU, fp32: compiling gains nothing over MKL's GEMMs{hint})"
