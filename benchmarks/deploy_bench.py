@@ -10,7 +10,8 @@ Cold start: a fresh Python process each, timed from outside (spawn -> exit after
 is made): the compile child gets an empty TORCHINDUCTOR_CACHE_DIR (a first start; with a warm
 cache it is faster, see `compile_warm_cache_s`), the package child loads the package. The export
 itself is timed too (a one-off cost per model, batch and settings). Steady state: the three
-pipelines on the same weights, interleaved, best of --repeats each. Targets (issue 12): cold start
+pipelines on the same weights, interleaved, best of --repeats each, by wall and by CPU time
+(with a --dtype other than fp32 also the eager sampler in that dtype: compiled vs eager there). Targets (issue 12): cold start
 with the package >= 10x faster; package throughput >= 0.95x the compiled pipeline's; B on CPU, the
 bf16 package >= 2x the fp32 reference sampler (needs a CPU with native bf16: see --dtype auto).
 The result (with the commit, threads and the load average at each phase) is printed as JSON and
@@ -86,28 +87,43 @@ def commit() -> str:
         return "unknown"
 
 
-def steady_state(compiled, package, reference, prompts, steps, cfg, repeats: int) -> dict:
-    """Interleaved timing of the three (reference: None to leave it out), after a warm-up call
-    each: images per second."""
+def steady_state(compiled, package, reference, prompts, steps, cfg, repeats: int, eager=None) -> dict:
+    """Interleaved timing (A B C A B C ...) of the pipelines (reference: None to leave it out; eager:
+    the eager sampler in the run's dtype, when that is not the reference's fp32), after a warm-up
+    call each: images per second by wall time and by CPU time (process_time: with one thread, the
+    machine's other load does not count; on a loaded machine the wall times are noise)."""
     run = {"compiled": lambda: compiled(prompts, steps=steps, cfg_scale=cfg, seed=0),
            "package": lambda: package(prompts, seed=0)}
+    if eager is not None:
+        run["eager"] = lambda: eager(prompts, steps=steps, cfg_scale=cfg, seed=0)
     if reference is not None:
         run["reference"] = lambda: reference(prompts, steps=steps, cfg_scale=cfg, seed=0)
     for f in run.values():
         f()
     times = {k: [] for k in run}
+    cpu = {k: [] for k in run}
     for _ in range(repeats):
         for name, f in run.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             f()
             times[name].append(time.perf_counter() - t0)
-    best = {k: min(v) for k, v in times.items()}
+            cpu[name].append(time.process_time() - c0)
+    best, best_cpu = {k: min(v) for k, v in times.items()}, {k: min(v) for k, v in cpu.items()}
     out = {"images_per_s": {k: len(prompts) / v for k, v in best.items()},
+           "images_per_cpu_s": {k: len(prompts) / v for k, v in best_cpu.items()},
            "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
-           "package_vs_compiled": best["compiled"] / best["package"]}
+           "cpu_seconds": {k: [round(t, 3) for t in v] for k, v in cpu.items()},
+           "package_vs_compiled": best["compiled"] / best["package"],
+           "by_cpu_time": {"package_vs_compiled": best_cpu["compiled"] / best_cpu["package"]}}
+    if eager is not None:
+        out["compiled_vs_eager"] = best["eager"] / best["compiled"]
+        out["by_cpu_time"]["compiled_vs_eager"] = best_cpu["eager"] / best_cpu["compiled"]
     if reference is not None:
         out["package_vs_reference"] = best["reference"] / best["package"]
         out["compiled_vs_reference"] = best["reference"] / best["compiled"]
+        for name in run:
+            if name != "reference":
+                out["by_cpu_time"][f"{name}_vs_reference"] = best_cpu["reference"] / best_cpu[name]
     return out
 
 
@@ -121,8 +137,9 @@ def main(argv=None) -> int:
     p.add_argument("--flow", default="step", choices=("step", "loop"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--cold", choices=("all", "package", "none"), default="all",
-                   help="cold starts to measure: package and compile (empty and warm inductor cache), package only, none")
+    p.add_argument("--cold", choices=("all", "empty", "package", "none"), default="all",
+                   help="cold starts to measure: package and compile (empty and warm inductor cache), package and "
+                        "compile with an empty cache, package only, none")
     p.add_argument("--no-cold-start", dest="cold", action="store_const", const="none", help="same as --cold none")
     p.add_argument("--no-steady-state", action="store_true", help="leave the steady-state comparison out")
     p.add_argument("--keep-package", help="export into this directory and keep it; reused when it holds a package")
@@ -134,6 +151,7 @@ def main(argv=None) -> int:
 
     from flowtok_fast.deploy.dtype import cpu_has_native_bf16, dtype_name, resolve_dtype
     from flowtok_fast.deploy.export import export_package
+    from flowtok_fast.deploy.manifest import cpu_build_entry
     from flowtok_fast.deploy.package_pipeline import PackagePipeline
     from flowtok_fast.pipeline import FlowTokPipeline
 
@@ -164,27 +182,32 @@ def main(argv=None) -> int:
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
             fresh = dict(env, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / "inductor-cache"))
             cold = {"package": cold_start(CHILD_PACKAGE.format(package=str(pkg), **settings), env)}
-            if args.cold == "all":
+            if args.cold in ("all", "empty"):
                 cold["compile"] = cold_start(CHILD_COMPILE.format(**settings), fresh)
-                cold["compile_warm_cache"] = cold_start(CHILD_COMPILE.format(**settings), fresh)
                 cold["package_speedup"] = cold["compile"]["total_s"] / cold["package"]["total_s"]
+            if args.cold == "all":
+                cold["compile_warm_cache"] = cold_start(CHILD_COMPILE.format(**settings), fresh)
                 cold["package_speedup_vs_warm_cache"] = cold["compile_warm_cache"]["total_s"] / cold["package"]["total_s"]
             loads["cold_start"] = load_average()
             for name in ("package", "compile", "compile_warm_cache"):
                 if name in cold:
                     print(f"cold start {name}: {cold[name]}", flush=True)
-            if args.cold == "all":
+            if "package_speedup" in cold:
                 print(f"cold start (process start -> first image): package {cold['package_speedup']:.1f}x faster "
-                      f"than compile with an empty inductor cache, {cold['package_speedup_vs_warm_cache']:.1f}x "
-                      "than with a warm one", flush=True)
+                      "than compile with an empty inductor cache" + (
+                          f", {cold['package_speedup_vs_warm_cache']:.1f}x than with a warm one"
+                          if "package_speedup_vs_warm_cache" in cold else ""), flush=True)
         if args.no_steady_state:
             steady = None
         else:
             # the reference sampler on the same weights: eager flow.sample, reference ops, fp32
             reference = None if args.no_reference else FlowTokPipeline(
                 compiled.config, compiled.clip, compiled.generator, compiled.tokenizer, device="cpu", dtype=torch.float32)
+            # the eager sampler in the run's dtype: compiled vs eager in the same dtype (fp32: the reference)
+            eager = None if dtype == torch.float32 else FlowTokPipeline(
+                compiled.config, compiled.clip, compiled.generator, compiled.tokenizer, device="cpu", dtype=dtype)
             steady = steady_state(compiled, PackagePipeline.load(pkg), reference, prompts, args.steps, args.cfg,
-                                  args.repeats)
+                                  args.repeats, eager)
             loads["steady_state"] = load_average()
             ips = steady["images_per_s"]
             line = (f"steady state: compiled {ips['compiled']:.3g} images/s, package {ips['package']:.3g} images/s: "
@@ -193,9 +216,11 @@ def main(argv=None) -> int:
                 line += (f"; reference sampler (eager fp32) {ips['reference']:.3g} images/s: "
                          f"package/reference = {steady['package_vs_reference']:.2f}x")
             print(line, flush=True)
+            print("by CPU time: " + ", ".join(f"{k} {v:.2f}x" for k, v in steady["by_cpu_time"].items()), flush=True)
     result = {"settings": {**settings, "batch": args.batch, "flow": args.flow, "repeats": args.repeats,
                            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                            "cpu_native_bf16": cpu_has_native_bf16(), "commit": started_at,
+                           "cpu": cpu_build_entry()["model"], "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                            "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
                            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
               "export_s": export_s, "package_bytes": sizes, "cold_start": cold, "steady_state": steady, "load_1min": loads}

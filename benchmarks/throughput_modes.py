@@ -52,20 +52,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timer(device: torch.device, out: dict):
+class StageTimes(dict):
+    """{stage: wall seconds}, and .cpu {stage: CPU seconds of this process} beside it (on a loaded
+    machine with one thread, CPU time is the measure; wall time counts the other jobs too)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.cpu = {}
+
+
+def _timer(device: torch.device, out: StageTimes):
     def timed(name, fn):
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = fn()
         _sync(device)
         out[name] = time.perf_counter() - t0
+        out.cpu[name] = time.process_time() - c0
         return result
     return timed
 
 
 def time_stages(pipe: FlowTokPipeline, prompts: torch.Tensor, opts: SamplingOptions, flow_fn, decode_fn) -> dict[str, float]:
     """Seconds per stage for one batch."""
-    out = {}
+    out = StageTimes()
     timed = _timer(pipe.device, out)
     feats = timed("clip", lambda: encode_ids(pipe, prompts))
     z = timed("text_vae", lambda: pipe.text_latents(feats, pipe.generator_rng(opts.seed)))
@@ -78,7 +88,8 @@ def time_package_stages(pkg, ids: torch.Tensor, seed: int = 0) -> dict[str, floa
     """Seconds per stage for one batch of a PackagePipeline. CLIP and the text VAE are one program
     there: its time (with the seeded noise it is given, drawn as FlowTokPipeline draws it) is in
     `clip`, and `text_vae` is 0."""
-    out = {"text_vae": 0.0}
+    out = StageTimes({"text_vae": 0.0})
+    out.cpu["text_vae"] = 0.0
     timed = _timer(pkg.device, out)
 
     def text():
@@ -126,7 +137,9 @@ def _summary(mode: str, impl: str, batch: int, runs: list[dict], setup_s: float,
     return {"mode": mode, "ops": impl, "images_per_s": batch / med, "seconds_median": med, "seconds_min": min(totals),
             "seconds_max": max(totals), "repeats": len(runs), "stages_s": {s: statistics.median(r[s] for r in runs)
                                                                           for s in STAGES},
-            "setup_s": setup_s, "peak_mem_gib": _peak_gib(device)}
+            "setup_s": setup_s, "peak_mem_gib": _peak_gib(device),
+            "cpu_seconds_median": statistics.median(sum(r.cpu.values()) for r in runs),
+            "cpu_stages_s": {s: statistics.median(r.cpu[s] for r in runs) for s in STAGES}}
 
 
 def run_mode(pipe: FlowTokPipeline, mode: str, batch: int, steps: int, cfg: float, repeats: int,
