@@ -42,6 +42,7 @@ def test_lowp_stages_equal_autocast_stages(flowing_tiny_pipeline):
     assert lowp_weights(pipe.generator, torch.float32) is pipe.generator
     gen_bytes = lambda m: sum(t.numel() * t.element_size() for t in m.state_dict().values())  # noqa: E731
     assert gen_bytes(gen) < 0.55 * gen_bytes(pipe.generator)
+    assert clip.transformer.resblocks[0].attn.in_proj_weight.dtype == bf16  # F.linear's packed projection too
     assert pipe.generator.blocks[0].attn.qkv.weight.dtype == torch.float32  # the pipeline's own are untouched
     torch.manual_seed(0)
     ids, noise = torch.randint(0, 1000, (2, 77)), torch.randn(2, 77, 16)

@@ -25,20 +25,22 @@ from flowtok_fast import flow
 
 # the modules whose weights CPU and CUDA autocast cast to the low-precision dtype (linear, convolutions)
 LOWP_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+# nn.MultiheadAttention's packed projection (CLIP's attention keeps its names): it goes through F.linear
+LOWP_PARAMS = ("in_proj_weight", "in_proj_bias")
 
 
 def lowp_weights(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """`module` itself for fp32; else a copy with the weight and bias of every LOWP_MODULES layer in
-    `dtype` (norms, embeddings and other parameters stay fp32, as autocast leaves them)."""
+    """`module` itself for fp32; else a copy with the weight and bias of every LOWP_MODULES layer (and
+    LOWP_PARAMS) in `dtype`; norms, embeddings and other parameters stay fp32, as autocast leaves them."""
     if dtype == torch.float32:
         return module
     module = copy.deepcopy(module)
     for m in module.modules():
-        if isinstance(m, LOWP_MODULES):
-            for name in ("weight", "bias"):
-                p = getattr(m, name, None)
-                if p is not None:
-                    p.data = p.data.to(dtype)
+        names = ("weight", "bias") if isinstance(m, LOWP_MODULES) else LOWP_PARAMS
+        for name in names:
+            p = m._parameters.get(name)
+            if p is not None:
+                p.data = p.data.to(dtype)
     return module
 
 
