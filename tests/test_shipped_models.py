@@ -102,8 +102,9 @@ def succeeds(argv, capsys) -> str:
 def test_readme_commands(tmp_path, monkeypatch, capsys):
     """The README's first example: generate with the shipped t2i model, draw ground truth, caption it."""
     monkeypatch.chdir(tmp_path)
-    succeeds(["generate", "--model-dir", str(MODELS / "t2i"), "--prompt", "a red circle above a blue square",
-             "--steps", str(Q.STEPS), "--cfg", str(Q.CFG_SCALE), "--out", "grid.png"], capsys)
+    out = succeeds(["generate", "--model-dir", str(MODELS / "t2i"), "--prompt", "a red circle above a blue square",
+                    "--out", "grid.png"], capsys)
+    assert "sampling: 1 step(s), cfg 1, euler, reference grid" in out  # the model's recommendation, printed
     assert os.path.getsize(tmp_path / "grid.png") > 0
     succeeds(["example", "shapes", "--images", "4", "--out", "gt"], capsys)
     lines = (tmp_path / "gt" / "captions.txt").read_text().splitlines()
@@ -111,3 +112,24 @@ def test_readme_commands(tmp_path, monkeypatch, capsys):
     out = succeeds(["caption", *(f"gt/{i:03d}.png" for i in range(4)), "--model-dir", str(MODELS / "i2t"), "--json"], capsys)
     captions = [r["caption"] for r in json.loads(out)]
     assert len(captions) == 4 and all(D.parse_caption(c).objects for c in captions), captions
+
+
+def _chosen(direction: str) -> dict:
+    """The setting examples/shapes/recommend.py chose (on training prompts) and its `new`-split rates."""
+    return json.loads((MODELS / "recommend.json").read_text())[direction]["chosen"]
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_recommended_sampling_holds(direction, pipe):
+    """Each model directory's 'sampling' section is what recommend.py measured, and sampling with NO
+    options (the model's own recommendation) still scores what it measured on the `new` split."""
+    from examples.shapes import recommend as R
+
+    chosen = _chosen(direction)
+    if direction == "t2i":
+        model, items, score = pipe, Q.prompts_for("new", None), R.t2i_rates
+    else:
+        model, items, score = FlowTokCaptioner.from_pretrained(str(MODELS / "i2t"), device="cpu"), Q.scenes_for("new", 200), R.i2t_rates
+    setting = chosen["setting"]
+    assert {k: model.sampling_defaults[k] for k in setting} == setting
+    assert_within(score(model, items, {}), chosen["new"], f"{direction} at its recommended sampling {setting}")
