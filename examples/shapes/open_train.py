@@ -4,11 +4,14 @@ frozen random CLIP; only the generator (with its jointly trained text VAE) train
 own stage (`run.train_flow`).
 
     python -m examples.shapes.open_train --out /work/runs/open_t2i                 # configs/open.yaml
-    python -m examples.shapes.open_train --out DIR t2i.steps=3000 --ship examples/shapes/models/open_t2i
+    python -m examples.shapes.open_train --out DIR t2i.steps=2000 data.train_size=8000
+    python -m examples.shapes.open_train --out DIR text_autoencoder.freeze_for_t2i=true text_autoencoder.kl_weight=1.0e-2
 
 Writes under --out: tokenizer/export (the shipped tokenizer, for the trainer's latent norm), t2i/
 (trainer output), model/ (fp32 model directory), train.json (timings, losses, commit, machine).
---ship DIR also stores it small (fp16 parameters + the grammar's vocabulary rows, as ship.py does).
+`python -m examples.shapes.open_ship DIR` measures and ships it; --ship DIR here only stores it small
+(fp16 parameters + the grammar's vocabulary rows), unmeasured. text_autoencoder.freeze_for_t2i: the
+flow starts from a text VAE trained first on the training captions, then frozen (text_autoencoder.py).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from examples.shapes import open_data as O
 from examples.shapes import record as R
 from examples.shapes.evaluate import latent_statistics
 from examples.shapes.run import pretokenize, shapes_config, train_flow
-from examples.shapes.text_autoencoder import grammar_vocab
+from examples.shapes.text_autoencoder import grammar_vocab, train_text_autoencoder
 from flowtok_fast.cli_errors import OneLineParser
 
 log = logging.getLogger("shapes")
@@ -47,9 +50,9 @@ def load_open_config(path: Path, overrides: list[str]) -> dict:
     for item in overrides:
         key, sep, value = item.partition("=")
         section, _, leaf = key.partition(".")
-        if not sep or not leaf or section not in ("data", "t2i"):
-            raise UserError(f"override '{item}': expected data.KEY=VALUE or t2i.KEY=VALUE")
-        cfg[section][leaf] = yaml.safe_load(value)
+        if not sep or not leaf or section not in ("data", "t2i", "text_autoencoder"):
+            raise UserError(f"override '{item}': expected data.KEY=VALUE, t2i.KEY=VALUE or text_autoencoder.KEY=VALUE")
+        cfg.setdefault(section, {})[leaf] = yaml.safe_load(value)
     train_config(cfg["t2i"], "unused", cfg["seed"], "t2i", "unused")  # the trainer's own checks, before any work
     return cfg
 
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     from flowtok_fast.train.tokenizer_trainer import export_tokenizer
 
     clock, speed = R.Clock(), R.Throughput()
-    result = {"config": cfg, "provenance": R.provenance(argv), "machine": R.machine(threads)}
+    result = {"config": cfg, "provenance": {**R.commit(), "command": " ".join(["python -m examples.shapes.open_train", *argv])},
+              "machine": R.machine(threads)}
     full, dec, clip = shipped_parts()
     tok_weights = export_tokenizer(full, out / "tokenizer" / "export", {"source": "examples/shapes/models/i2t"}) / "model.safetensors"
     splits = O.make_open_splits(cfg["seed"])
@@ -100,9 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     # how much the open captions explain of the latents (the base task's: 0.87): lower means more left to the noise
     result["latents"] = latent_statistics(moments, ds.captions, full.latent_norm)
     log.info(f"open latents: {json.dumps(R.rounded(result['latents']))}")
+    # text_autoencoder.freeze_for_t2i: the flow starts from a text VAE trained first as an autoencoder of the
+    # training captions (text_autoencoder.py), then frozen; otherwise the generator trains its own jointly
+    ac = {"freeze_for_t2i": False, "steps": 300, "batch": 64, "lr": 2.0e-3, "kl_weight": 1.0e-4, **cfg.get("text_autoencoder", {})}
+    ac["lr"], ac["kl_weight"] = float(ac["lr"]), float(ac["kl_weight"])  # YAML reads '1e-2' as a string
+    vae = None
+    if ac["freeze_for_t2i"]:
+        with clock.stage("text_autoencoder"):
+            vae, _ = train_text_autoencoder({**cfg, "text_autoencoder": ac}, out, list(splits.train), clip, result)
     with clock.stage("t2i_train"):
-        gen = train_flow("t2i", {**cfg, "text_autoencoder": {"freeze_for_t2i": False}}, out, moments, ds.ids, clip, None,
-                         tok_weights, result, speed)
+        gen = train_flow("t2i", {**cfg, "text_autoencoder": ac}, out, moments, ds.ids, clip, vae, tok_weights, result, speed)
     from flowtok_fast.pipeline import FlowTokPipeline
 
     pipe = FlowTokPipeline(shapes_config(dec, gen), clip, gen, dec, device="cpu")
