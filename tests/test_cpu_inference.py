@@ -61,6 +61,28 @@ def test_lowp_stages_equal_autocast_stages(flowing_tiny_pipeline):
                                    DecodeStage(pipe.tokenizer, bf16, "cpu")(noise, feats), rtol=0, atol=0)
 
 
+def test_exported_bf16_flow_stage_stores_bf16_weights(flowing_tiny_pipeline, tiny_package, tmp_path):
+    """The flow stage as a bf16 package exports it (AOTInductor, ~20 CPU s: the one stage): its
+    file is smaller than the session's fp32 flow.pt2 by about half the generator's fp32 bytes, and
+    it steps as the autocast stage does."""
+    from flowtok_fast.deploy.export import compile_stage
+    from tests.conftest import PACKAGE_BATCH, PACKAGE_CFG, PACKAGE_STEPS
+
+    pipe, bf16 = flowing_tiny_pipeline, torch.bfloat16
+    step = FlowStep(lowp_weights(pipe.generator, bf16), PACKAGE_BATCH, PACKAGE_STEPS, PACKAGE_CFG, "reference", bf16, "cpu")
+    x, t = torch.randn(PACKAGE_BATCH, 77, 16), torch.full((step.rows,), 0.3)
+    compile_stage(step, (x, t), tmp_path / "flow.pt2")
+    fp32_weights = sum(v.numel() * 4 for k, v in pipe.generator.state_dict().items()
+                       if not k.startswith("context_encoder."))  # the text VAE is in the text stage
+    saved = (tiny_package / "flow.pt2").stat().st_size - (tmp_path / "flow.pt2").stat().st_size
+    assert saved > 0.4 * fp32_weights, (saved, fp32_weights)
+    got = torch._inductor.aoti_load_package(str(tmp_path / "flow.pt2"))(x, t)
+    with torch.no_grad():
+        want = FlowStep(pipe.generator, PACKAGE_BATCH, PACKAGE_STEPS, PACKAGE_CFG, "reference", bf16, "cpu")(x, t)
+    assert (want - x).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
 # ---------------------------------------------------------------- the CPU a package was built for
 
 
