@@ -107,8 +107,8 @@ def load_model_source(args, **kw):
     from flowtok_fast.loading import load_text_to_image
 
     if args.random_weights and not (args.model_dir or args.checkpoint):
-        print(f"note: --random-weights: the '{args.config}' model is untrained (its flow moves, so every stage "
-              "runs), so the image means nothing")
+        print(f"note: --random-weights: the '{args.config}' model is untrained, so the image means nothing "
+              "(its flow moves, so every stage runs)")
     return load_text_to_image(args.model_dir, args.checkpoint, args.tokenizer, args.clip,
                               args.config if args.random_weights else None, args.resolution, **kw)
 
