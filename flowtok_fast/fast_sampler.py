@@ -162,10 +162,16 @@ def _frozen(compiled):
 
 
 def decoder(tokenizer: nn.Module, dtype: torch.dtype, compile: bool):
-    """latents [B,77,16], CLIP features -> images in [0,1] (fp32), optionally compiled."""
+    """latents [B,77,16], CLIP features -> images in [0,1] (fp32), optionally compiled; compiled on a
+    CPU, with frozen weights (B bf16, batch 8: 6.49 vs 7.49 CPU s eager, 1.15x; once the flow is
+    compiled the decoder is ~40% of a CPU batch). Call it under torch.no_grad (freezing needs it)."""
 
     def decode(latents, feats):
         with torch.autocast(latents.device.type, dtype=dtype, enabled=dtype != torch.float32):
             return tokenizer.decode(latents, feats).float()
 
-    return torch.compile(decode, dynamic=False) if compile else decode
+    if not compile:
+        return decode
+    compiled = torch.compile(decode, dynamic=False)
+    on_cpu = next(tokenizer.parameters()).device.type == "cpu"
+    return _frozen(compiled) if on_cpu else compiled

@@ -99,6 +99,20 @@ def test_cpu_compile_freezes_the_weights(dtype, tol):
     assert (unfrozen(x0) - ref).abs().max() > 10 * tol  # the changed weights: the snapshot is real
 
 
+def test_cpu_compiled_decoder_matches_eager():
+    from flowtok_fast import fast_sampler
+    from tests.conftest import flowing_tiny
+
+    tok = flowing_tiny(0).tokenizer
+    lat, feats = torch.randn(2, 77, 16), torch.randn(2, 77, 64)
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.no_grad():
+            want = fast_sampler.decoder(tok, dtype, compile=False)(lat, feats)
+            got = fast_sampler.decoder(tok, dtype, compile=True)(lat, feats)
+        assert want.std() > 1e-3
+        assert (got - want).abs().max() <= 2 / 255
+
+
 def test_cuda_modes_refuse_cpu(generator):
     for mode in ("graph", "reduce-overhead"):
         with pytest.raises(ValueError, match="CUDA"):
