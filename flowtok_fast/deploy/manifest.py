@@ -114,8 +114,8 @@ def check_runtime(manifest: dict, device: torch.device) -> None:
 
 # ---------------------------------------------------------------- CPU features
 # Inductor compiles a package's C++ with -march=native (every instruction set of the CPU it runs on,
-# -mavx512bf16 included where present), and oneDNN's prepacked weights are laid out for that CPU: on
-# a CPU without those instructions the program would die of SIGILL mid-run. So the manifest records
+# -mavx512bf16 included where present): on a CPU without those instructions the program would die
+# of SIGILL mid-run. So the manifest records
 # the build CPU's instruction-set flags, and a CPU that lacks any of them is refused at load, in one
 # line. Linux reads them from /proc/cpuinfo; elsewhere torch's own probes name the few that matter.
 
