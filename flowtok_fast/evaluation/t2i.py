@@ -42,7 +42,7 @@ def add_arguments(p) -> None:
                    help=f"images per generator call and per Inception batch (default: {DEFAULT_BATCH}; with --package: the package's batch)")
     p.add_argument("--shard-size", **COUNT, default=1000, help="images per shard (the unit of resuming)")
     p.add_argument("--format", choices=sh.FORMATS, default="png", help="shards as PNG folders or tars")
-    p.add_argument("--mode", default="eager", help="sampler mode: eager, compile, graph, reduce-overhead (not with --package)")
+    p.add_argument("--mode", default="eager", help="sampler mode: auto, eager, compile, graph, reduce-overhead (not with --package)")
     p.add_argument("--package", metavar="PKG", help="generate with an exported AOTInductor package (`flowtok-fast export`): "
                                                    "steps, cfg and batch are the package's")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
@@ -120,6 +120,11 @@ def run_t2i(args) -> int:
         package = load_package(args.package, device=device, model=args.model_dir)
         make_images = package_images(package)
     else:  # steps / cfg not given: the model's recommendation (recorded below as what ran)
+        from flowtok_fast.deploy.dtype import auto_dtype
+        from flowtok_fast.deploy.mode import resolve_mode
+
+        args.mode, why_mode = resolve_mode(args.mode, device, auto_dtype(device))  # auto -> the mode it picks
+        print(why_mode)
         pipe = FlowTokPipeline.from_pretrained(args.model_dir, device=device, sampler_mode=args.mode)
         opts = pipe.sampling_options(steps=args.steps, cfg_scale=args.cfg, seed=args.seed)
         args.steps, args.cfg = opts.steps, opts.cfg_scale

@@ -104,8 +104,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--max-queue", type=_positive(int), default=256, help="queued images before 429")
     p.add_argument("--request-timeout-s", type=_positive(float), default=120.0,
                    help="longest a request waits (a request may ask for less with timeout_s)")
-    p.add_argument("--mode", default="eager", choices=("eager", "compile", "graph"),
-                   help="sampler: eager; compile (torch.compile); graph (CUDA: the loop as one CUDA graph)")
+    p.add_argument("--mode", default="eager", choices=("auto", "eager", "compile", "graph"),
+                   help="sampler: eager; compile (torch.compile); graph (CUDA: the loop as one CUDA graph); auto (the "
+                        "fastest for this device and dtype, printed: flowtok_fast/deploy/mode.py)")
     p.add_argument("--warm-steps", type=_positive(int), default=None,
                    help="steps of the warm-up batches (compile/graph build one sampler per batch, steps and cfg; "
                         "default: the model's recommended sampling, which requests without steps/cfg get)")
@@ -157,12 +158,15 @@ def load_engine(args):
     from flowtok_fast.serve.engine import ImageEngine
     from flowtok_fast.validate import resolve_device
 
+    from flowtok_fast.deploy.mode import resolve_mode
+
     dtype, why = resolve_dtype(args.dtype, resolve_device(args.device))
+    args.mode, why_mode = resolve_mode(args.mode, resolve_device(args.device), dtype)  # auto -> the mode it picks
     pipe = load_text_to_image(model_dir=args.model_dir, random_config=args.config if args.random_weights else None,
                               resolution=args.resolution, device=args.device, sampler_mode=args.mode, dtype=dtype)
     captioner = FlowTokCaptioner.from_pretrained(args.caption_model_dir, device=args.device, dtype=dtype) \
         if args.caption_model_dir else None
-    print(f"flowtok-fast serve: {why}", flush=True)
+    print(f"flowtok-fast serve: {why}; {why_mode}", flush=True)
     return ImageEngine(pipe, captioner)
 
 
