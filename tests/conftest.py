@@ -21,6 +21,17 @@ def flowing_tiny(seed: int = 0):
     return FlowTokPipeline.random("tiny", seed=seed, device="cpu", flowing=True)
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, restored after (tiny tensors on shared cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def flowing_tiny_pipeline():
     return flowing_tiny(0)

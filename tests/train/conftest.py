@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 # The tiny model on a few small synthetic batches: a step takes a fraction of a second on CPU.
 TINY_RUN = dict(
@@ -14,10 +13,7 @@ def tiny_run():
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread(one_thread):
     # Tiny tensors: on shared cores intra-op threads only add synchronisation (measured: a tiny
     # training step is ~10x slower with 2 threads than with 1 when other jobs load the machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
