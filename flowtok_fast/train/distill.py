@@ -185,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     with distributed_run() as device:
         trainer = DistillTrainer(cfg, device=device)
         trainer.train()
-        if trainer.stopped_by is None and trainer.rank == 0:
+        if trainer.stopped_by is None:  # every rank: gathering FSDP-sharded EMA weights is collective
             out = export_student(trainer.teacher, trainer.student, trainer.ema, cfg, trainer.cfg_scale, args.force)
+        if trainer.stopped_by is None and trainer.rank == 0:
             print(f"wrote {out}: a {trainer.direction} student for {', '.join(map(str, cfg.student_steps))} step(s), "
                   f"guidance {trainer.cfg_scale:g} built in")
     return trainer.exit_code()

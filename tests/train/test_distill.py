@@ -177,3 +177,31 @@ def test_a_student_runs_compiled_and_as_an_exported_package(tmp_path):
     package = export_package(student, tmp_path / "pkg", 2, 1, 1.0, "consistent", progress=False)
     packaged = load_package(package, model=student)(prompts, seed=3, output="tensor")
     assert (packaged - eager).abs().max() < moved / 100
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_two_processes_distil_the_student_one_process_does(parallelism, teacher_dir, tmp_path, capsys):
+    """torchrun (gloo, 2 CPU processes x 1 micro-batch) == 1 process x 2 micro-batches: same student
+    directory, EMA weights gathered from every rank (collective under FSDP) and written once."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    settings = [f"prompts={teacher_dir / 'prompts.txt'}", "student_steps=[1,2]", "teacher_steps=4", "steps=3",
+                "global_batch=8", "micro_batch=4", "lr=1e-3", "progress=false"]
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "flowtok_fast.train.distill", str(teacher_dir / "teacher"), "--out", str(tmp_path / "two"),
+           *settings, f"parallelism={parallelism}"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert run_cli(["distill", str(teacher_dir / "teacher"), "--out", str(tmp_path / "one"), "--threads", "1",
+                    *settings], capsys)[0] == 0
+    two, one = load_file(str(tmp_path / "two" / "model.safetensors")), load_file(str(tmp_path / "one" / "model.safetensors"))
+    assert set(two) == set(one) and any(k.startswith("generator.step_embedder") for k in one)
+    for k, v in one.items():
+        torch.testing.assert_close(two[k], v, atol=1e-5, rtol=1e-4, msg=lambda m: f"{parallelism} {k}: {m}")
