@@ -321,6 +321,11 @@ def read_sampling(directory: str | os.PathLike) -> dict | None:
     return _read_config_json(Path(directory) / CONFIG_FILE).get("sampling")
 
 
+def read_components(directory: str | os.PathLike) -> list[str]:
+    """The components config.json lists (generator, tokenizer, clip / text_decoder), checked."""
+    return _read_config_json(Path(directory) / CONFIG_FILE)["components"]
+
+
 def _header_metadata(weights: Path) -> dict:
     from safetensors import SafetensorError, safe_open
 

@@ -125,7 +125,7 @@ class FlowTokPipeline:
     @property
     def sampling_defaults(self) -> dict:
         """The options a call without them uses: the model's recommendation (steps, cfg_scale, method, grid)."""
-        return {k: getattr(self.sampling, k) for k in ("steps", "cfg_scale", "method", "grid")}
+        return self.sampling.defaults
 
     def sampling_options(self, **given) -> SamplingOptions:
         """`given` (seed, steps, cfg_scale, method, grid; None = not given) completed from the model's

@@ -93,6 +93,11 @@ class Recipe:
 
     # ------------------------------------------------------------ use
 
+    @property
+    def defaults(self) -> dict:
+        """The options a call that gives none uses."""
+        return {k: getattr(self, k) for k in OPTION_NAMES}
+
     def options(self, **given) -> SamplingOptions:
         """SamplingOptions from `given` (seed, steps, cfg_scale, method, grid); an option that is
         missing or None takes this recipe's value. Warns when a student is asked for a step count

@@ -215,6 +215,15 @@ def check_output_dir(path: str, option: str = "--out") -> None:
     _check_writable_below(p.absolute(), path, option)
 
 
+def check_new_output_dir(path, force: bool, option: str = "--out") -> None:
+    """A directory to create, or (with --force) to replace: never a file, never a non-empty
+    directory without --force, and somewhere we can write."""
+    check_output_dir(str(path), option)
+    p = Path(path)
+    if p.is_dir() and any(p.iterdir()) and not force:
+        raise UserError(f"{option} {path} exists and is not empty: pass --force to replace it, or choose another directory")
+
+
 def _check_writable_below(directory: Path, path: str, option: str) -> None:
     """The nearest existing ancestor of `directory` is a directory we can create files in."""
     while not directory.exists():

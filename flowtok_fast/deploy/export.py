@@ -28,20 +28,14 @@ from flowtok_fast.deploy import manifest as mf
 from flowtok_fast.deploy.dtype import CHOICES as DTYPE_CHOICES, dtype_name, resolve_dtype
 from flowtok_fast.deploy.stages import DecodeStage, FlowLoop, FlowStep, TextStage, lowp_weights
 from flowtok_fast.errors import UserError
-from flowtok_fast.validate import BATCH, CFG, COUNT, STEPS
+from flowtok_fast.validate import BATCH, CFG, COUNT, STEPS, check_new_output_dir
 
 FLOW_MODES = ("step", "loop")
 RUNNER_FILE = "runner.txt"
 
 
 def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"--out {str(out)!r} exists and is not empty: pass --force to replace it")
-    parent = out.resolve().parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UserError(f"--out {str(out)!r}: cannot write in {str(parent)!r}")
+    check_new_output_dir(out, force)
 
 
 def stage_programs(pipe, batch: int, steps: int, cfg_scale: float, grid: str, dtype: torch.dtype, flow_mode: str):

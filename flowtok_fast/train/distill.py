@@ -32,7 +32,7 @@ from flowtok_fast.train.distill_targets import ImageFolder, PromptList, TeacherT
 from flowtok_fast.train.ema import EMA
 from flowtok_fast.train.loop import TrainLoop
 from flowtok_fast.train.parallelize import grad_sync, parallelize
-from flowtok_fast.train.trainer import NonFiniteLossError, micro_batch_seed
+from flowtok_fast.train.trainer import NonFiniteLossError, micro_batch_seed, process_setup
 
 
 def make_student(teacher: FlowTokGenerator, text_vae: TextVAEConfig) -> FlowTokGenerator:
@@ -69,13 +69,8 @@ class DistillTrainer(TrainLoop):
 
     def __init__(self, cfg: DistillConfig, device: torch.device | str | None = None):
         self.cfg = cfg
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
-        if self.world_size > 1 and cfg.parallelism == "none":
-            raise UserError(f"{self.world_size} processes with parallelism=none: set parallelism=ddp or fsdp")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
-        self.amp_dtype = torch.bfloat16 if bf16 else None
+        self.rank, self.world_size, self.device, self.amp_dtype = process_setup(cfg, device)
+        self.grad_accum = cfg.grad_accum(self.world_size)
         self.output_dir = Path(cfg.output_dir)
         self._check_same_run()
         self.direction, self.teacher = load_teacher(cfg.teacher, self.device, self.amp_dtype or torch.float32)
@@ -98,7 +93,6 @@ class DistillTrainer(TrainLoop):
             raise UserError(f"{cfg.prompts or cfg.images}: {len(dataset)} {self.data_kind}, fewer than one global batch "
                             f"(global_batch={cfg.global_batch}): lower global_batch or give more")
         self.data = ShardedBatches(dataset, cfg.global_batch, cfg.micro_batch, self.rank, self.world_size, cfg.seed)
-        self.grad_accum = self.data.grad_accum
         self.step, self.history = 0, []
         self._maybe_resume()
         rows = sum(cfg.student_steps)
@@ -124,6 +118,12 @@ class DistillTrainer(TrainLoop):
         if cfg.prompts:
             raise UserError("an image-to-text teacher learns from images=DIR, not prompts=")
         return "images"
+
+    def ema_student(self) -> FlowTokGenerator:
+        """An unsharded CPU copy of the student with its EMA weights (collective under FSDP)."""
+        final = make_student(self.teacher.generator, self.teacher.config.text_vae).to("cpu")
+        self.ema.copy_to(final)
+        return final
 
     def _check_same_run(self) -> None:
         if self.cfg.resume != "auto":
@@ -166,7 +166,8 @@ class DistillTrainer(TrainLoop):
 
 def main(argv: list[str] | None = None) -> int:
     from flowtok_fast.cli_errors import OneLineParser
-    from flowtok_fast.train.distill_export import check_student_out, export_student
+    from flowtok_fast.train.distill_export import export_student
+    from flowtok_fast.validate import check_new_output_dir
     from flowtok_fast.train.trainer import distributed_run
 
     parser = OneLineParser(prog="flowtok-fast distill", description=(
@@ -181,13 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     config_file = args.settings[0] if args.settings and "=" not in args.settings[0] else None
     overrides = args.settings[1:] if config_file else args.settings
     cfg = load_distill_config(config_file, overrides, args.teacher, args.out)
-    check_student_out(Path(cfg.out), args.force)  # before any model is loaded
+    check_new_output_dir(cfg.out, args.force)  # before any model is loaded
     with distributed_run() as device:
         trainer = DistillTrainer(cfg, device=device)
         trainer.train()
-        if trainer.stopped_by is None:  # every rank: gathering FSDP-sharded EMA weights is collective
-            out = export_student(trainer.teacher, trainer.student, trainer.ema, cfg, trainer.cfg_scale, args.force)
+        if trainer.stopped_by is None:
+            final = trainer.ema_student()  # every rank: gathering FSDP-sharded EMA weights is collective
         if trainer.stopped_by is None and trainer.rank == 0:
+            out = export_student(trainer.teacher, final, cfg, trainer.cfg_scale, args.force,
+                                 {"step": trainer.step, "ema": True})
             print(f"wrote {out}: a {trainer.direction} student for {', '.join(map(str, cfg.student_steps))} step(s), "
                   f"guidance {trainer.cfg_scale:g} built in")
     return trainer.exit_code()

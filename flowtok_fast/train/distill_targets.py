@@ -70,7 +70,7 @@ def load_teacher(directory: str, device: torch.device, dtype: torch.dtype):
         raise UserError(f"teacher {directory}: not a FlowTok model directory (expected {ckpt.CONFIG_FILE} and "
                         f"{ckpt.WEIGHTS_FILE}: make one with `flowtok-fast convert` or `export-model`)")
     try:
-        components = ckpt._read_config_json(path / ckpt.CONFIG_FILE)["components"]
+        components = ckpt.read_components(path)
     except ckpt.CheckpointError as err:
         raise UserError(f"teacher {directory}: {err}") from None
     if "text_decoder" in components:

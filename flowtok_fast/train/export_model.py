@@ -224,13 +224,24 @@ def export_model(checkpoint: str | Path, out: str | Path, use_ema: bool = False,
     components = {"tokenizer": tok_m, "generator": generator, "text_decoder": decoder} if i2t else \
         {"generator": generator, "tokenizer": tok_m, "clip": clip_m}
 
+    provenance = {"checkpoint": str(checkpoint.resolve()), "step": checkpoint_step(checkpoint), "ema": use_ema,
+                  "direction": cfg.direction, "clip_weights": clip_path, "tokenizer_weights": tok_path,
+                  "train_config": cfg.to_dict()}
+    return write_model_directory(out, cfg.model_config(), components, provenance)
+
+
+def checkpoint_step(checkpoint: Path) -> int | None:
+    return int(checkpoint.name.removeprefix("step_")) if checkpoint.name.startswith("step_") else None
+
+
+def write_model_directory(out: Path, config, components: dict, provenance: dict, **save_kw) -> Path:
+    """config.json + model.safetensors (checkpoint.save_pretrained, `save_kw`) + training.json,
+    written beside `out` and moved into place (an older model directory there is replaced):
+    the directory is complete or absent."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        ckpt.save_pretrained(tmp, cfg.model_config(), components)
-        step = int(checkpoint.name.removeprefix("step_")) if checkpoint.name.startswith("step_") else None
-        provenance = {"checkpoint": str(checkpoint.resolve()), "step": step, "ema": use_ema, "direction": cfg.direction,
-                      "clip_weights": clip_path, "tokenizer_weights": tok_path, "train_config": cfg.to_dict()}
+        ckpt.save_pretrained(tmp, config, components, **save_kw)
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
         umask = os.umask(0)
         os.umask(umask)

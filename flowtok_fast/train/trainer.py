@@ -39,19 +39,25 @@ def micro_batch_seed(seed: int, step: int, micro_index: int) -> int:
     return int(np.random.SeedSequence([seed, step, micro_index]).generate_state(1, np.uint64)[0])
 
 
+def process_setup(cfg, device) -> tuple[int, int, torch.device, torch.dtype | None]:
+    """(rank, world size, device, autocast dtype or None) of this process for a run config with
+    `parallelism` and `precision` (auto = bf16 autocast on CUDA, fp32 on CPU)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if world_size > 1 and cfg.parallelism == "none":
+        raise UserError(f"{world_size} processes with parallelism=none: set parallelism=ddp or fsdp")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return rank, world_size, device, torch.bfloat16 if bf16 else None
+
+
 class Trainer(TrainLoop):
     LOG_TERMS = LOSS_TERMS
 
     def __init__(self, cfg: TrainConfig, device: torch.device | str | None = None, dataset=None):
         self.cfg = cfg
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
-        if self.world_size > 1 and cfg.parallelism == "none":
-            raise UserError(f"{self.world_size} processes with parallelism=none: set parallelism=ddp or fsdp")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.rank, self.world_size, self.device, self.amp_dtype = process_setup(cfg, device)
         self.grad_accum = cfg.grad_accum(self.world_size)
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
-        self.amp_dtype = torch.bfloat16 if bf16 else None
 
         model_cfg = cfg.model_config()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
