@@ -73,6 +73,10 @@ class DistillTrainer(TrainLoop):
         self.grad_accum = cfg.grad_accum(self.world_size)
         self.output_dir = Path(cfg.output_dir)
         self._check_same_run()
+        for key, exists in (("prompts", Path.is_file), ("images", Path.is_dir)):  # before the teacher loads
+            value = getattr(cfg, key)
+            if value and not exists(Path(value)):
+                raise UserError(f"{key}={value}: no such {'file' if key == 'prompts' else 'directory'}")
         self.direction, self.teacher = load_teacher(cfg.teacher, self.device, self.amp_dtype or torch.float32)
         self.data_kind = self._check_data()
         self.cfg_scale = cfg.cfg_scale if cfg.cfg_scale is not None else self.teacher.sampling.cfg_scale
