@@ -139,6 +139,9 @@ def test_bad_input_is_one_line_exit_2_nothing_written(teacher_dir, tmp_path, cap
     assert not (tmp_path / "s1").exists() and not (tmp_path / "s1.run").exists()
     _refused(["distill", str(teacher_dir / "teacher"), "--out", str(tmp_path / "s2"), "images=" + str(tmp_path)], capsys,
              "give prompts=FILE")
+    _refused(["distill", str(teacher_dir / "teacher"), "--out", str(tmp_path / "s5"), f"prompts={tmp_path / 'none.txt'}"],
+             capsys, "no such file")
+    assert not (tmp_path / "s5").exists() and not (tmp_path / "s5.run").exists()
     _refused(["distill", str(teacher_dir / "teacher"), "--out", str(tmp_path / "s3"), prompts, "student_steps=[1,3]",
               "teacher_steps=8"], capsys, "must be a multiple of every student step count")
     existing = tmp_path / "existing"
