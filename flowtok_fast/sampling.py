@@ -63,6 +63,7 @@ class Recipe:
 
     def __post_init__(self):
         SamplingOptions(steps=self.steps, cfg_scale=self.cfg_scale, method=self.method, grid=self.grid)
+        object.__setattr__(self, "_warned", set())  # (steps, cfg) already warned about; not a field
         if self.distilled_steps is not None:
             steps = tuple(self.distilled_steps)
             if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps):
@@ -107,10 +108,10 @@ class Recipe:
         if unknown:
             raise UserError(f"unknown sampling option(s) {unknown}: expected some of {['seed', *OPTION_NAMES]}")
         opts = SamplingOptions(**{**{k: getattr(self, k) for k in OPTION_NAMES}, **given})
-        key = (id(self), opts.steps, opts.cfg_scale)
-        if key in _WARNED:  # once per model and setting, not once per batch
+        key = (opts.steps, opts.cfg_scale)
+        if key in self._warned:  # once per model and setting, not once per batch
             return opts
-        _WARNED.add(key)
+        self._warned.add(key)
         if self.distilled_steps and opts.steps not in self.distilled_steps:
             warnings.warn(FlowTokWarning(
                 f"steps={opts.steps}: this few-step student was distilled for steps "
@@ -127,6 +128,5 @@ class Recipe:
                 f"(model's recommendation: {self.steps} / {self.cfg_scale:g} / {self.method} / {self.grid})")
 
 
-_WARNED: set = set()
 PAPER_T2I = Recipe()  # the paper's sampler: 20 Euler steps, CFG 2.0, the reference time grid
 PAPER_I2T = Recipe(cfg_scale=1.0)  # captions: no guidance
