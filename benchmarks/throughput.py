@@ -8,8 +8,8 @@ Random weights, made on the device (speed does not depend on them), and random C
 measured in the order given):
     eager            reference ops, the pipeline's sampler (flow.sample)
     fused            the Triton kernels, the pipeline's sampler                      [CUDA]
-    compiled         static sampler (fast_sampler.py), torch.compile'd generator forward
-                     (and decoder on CUDA; on CPU the decoder stays eager to bound compile time)
+    compiled         static sampler (fast_sampler.py), torch.compile'd generator forward and
+                     decoder (on a CPU both with frozen weights), as `--mode compile` runs them
     graph            compiled + the whole N-step loop as ONE CUDA graph             [CUDA]
     fused-graph      Triton kernels, no Inductor, one CUDA graph                    [CUDA]
     reduce-overhead  torch.compile(mode="reduce-overhead") forward                  [CUDA]
@@ -180,7 +180,8 @@ def _bench_modes(pipe, config, model: str, modes: list[str], batch: int, steps: 
         records.append({
             "benchmark": "throughput", "model": config.name, "resolution": config.tokenizer.resolution, "batch": batch,
             "steps": steps, "cfg": cfg, "student": is_student, "dtype": str(pipe.dtype).removeprefix("torch."), **r, **env, **ceiling,
-            "flops_per_image": e2e["total"], "achieved_tflops": achieved / 1e12,
+            "flops_per_image": e2e["total"], "flops_per_image_stages": {st: e2e[st] for st in STAGES},
+            "achieved_tflops": achieved / 1e12,
             "mfu": achieved / (ceiling["ceiling_tflops"] * 1e12), "flow_mfu": flow_rate / (ceiling["ceiling_tflops"] * 1e12),
         })
         save(records[-1])  # now: a later mode that times out or crashes loses nothing measured
@@ -278,8 +279,13 @@ def print_table(records: list[dict]) -> None:
             t = teacher.get((r["model"], r["mode"])) if r.get("student") else None
             if t:
                 shares = ", ".join(f"{s} {100 * r['stages_s'][s] / r['seconds_median']:.0f}%" for s in STAGES)
+                # what arithmetic allows: the FLOP ratio, and the ratio were the student's flow free
+                # (the decoder, CLIP and text VAE are the same network in both)
+                rest = r["flops_per_image"] - r["flops_per_image_stages"]["flow"]
                 print(f"{r['model']} {r['mode']}: {r['steps']}-step student vs {t['steps']}-step cfg {t['cfg']:g} teacher: "
-                      f"x{r['images_per_s'] / t['images_per_s']:.1f} images/s; the student's time: {shares}")
+                      f"x{r['images_per_s'] / t['images_per_s']:.1f} images/s; the student's time: {shares}; "
+                      f"FLOPs per image allow x{t['flops_per_image'] / r['flops_per_image']:.1f} "
+                      f"(x{t['flops_per_image'] / rest:.1f} with a free flow)")
         compiled = {r["model"]: r["images_per_s"] for r in inf if r["mode"] == "compiled" and not r.get("student")}
         for r in inf:
             if r["mode"] == "package":

@@ -160,7 +160,7 @@ def run_mode(pipe: FlowTokPipeline, mode: str, batch: int, steps: int, cfg: floa
     else:
         flow_fn = fast_sampler.FastSampler(pipe.generator, batch, steps, cfg, mode=sampler_mode, dtype=pipe.dtype,
                                            compile=compile_)
-        decode_fn = fast_sampler.decoder(pipe.tokenizer, pipe.dtype, compile=compile_ and dev.type == "cuda")
+        decode_fn = fast_sampler.decoder(pipe.tokenizer, pipe.dtype, compile=compile_)  # as FlowTokPipeline.decode
         for _ in range(2):  # warm-up: compilation (static shapes), then CUDA graph trees record on the 2nd call
             time_stages(pipe, prompts, opts, flow_fn, decode_fn)
     setup_s = time.perf_counter() - t0

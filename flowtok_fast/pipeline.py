@@ -49,12 +49,12 @@ class FlowTokPipeline:
         self.set_fused_kernels(fused_kernels)
         # "eager": flow.sample; "compile" | "graph" | "reduce-overhead": the static sampler of
         # fast_sampler.py (compiled forward; on CUDA the whole loop as one graph), built once per
-        # (batch, steps, scale, grid) and reused
+        # (batch, steps, scale, grid) and reused, and the decoder compiled (once per batch size)
         from flowtok_fast.fast_sampler import MODES
 
         one_of(sampler_mode, MODES, "sampler mode")
         self.sampler_mode = sampler_mode
-        self._fast_samplers = {}
+        self._fast_samplers, self._decoders = {}, {}
         self.vocabulary = None  # token ids a closed-vocabulary model knows (compact_storage); None: all
         self.sampling: Recipe = PAPER_T2I  # how this model wants to be sampled (a model directory says)
 
@@ -137,7 +137,7 @@ class FlowTokPipeline:
         for module in (self.generator, self.tokenizer):
             ops.use(module, impl)
         self.fused_kernels = enabled
-        self._fast_samplers = {}  # they captured the previous ops
+        self._fast_samplers, self._decoders = {}, {}  # they captured the previous ops
 
     # ------------------------------------------------------------ stages
 
@@ -175,9 +175,17 @@ class FlowTokPipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1], fp32."""
-        with self.autocast():
-            return self.tokenizer.decode(latents, feats).float()
+        """Images [B, 3, H, W] in [0, 1], fp32. Outside eager mode the decoder is compiled too (on a
+        CPU with frozen weights): once the flow takes a few steps it is most of the time."""
+        if self.sampler_mode == "eager":
+            with self.autocast():
+                return self.tokenizer.decode(latents, feats).float()
+        from flowtok_fast.fast_sampler import decoder
+
+        batch = latents.shape[0]
+        if batch not in self._decoders:
+            self._decoders[batch] = decoder(self.tokenizer, self.dtype, compile=True)
+        return self._decoders[batch](latents, feats)
 
     def generator_rng(self, seed: int) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(seed)

@@ -28,6 +28,18 @@ def test_auto_is_fp32_on_every_cpu_and_bf16_on_cuda(native):
     assert dt.resolve_dtype("bf16", "cpu")[0] == torch.bfloat16  # opt-in
 
 
+@pytest.mark.parametrize("cap", ["AVX2", "avx512_core", "AVX512_CORE_VNNI", "SSE41"])
+def test_a_onednn_cap_below_bf16_means_no_native_bf16(cap, monkeypatch):
+    """ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 makes oneDNN emulate bf16 (how a CPU without native
+    bf16 is rehearsed on one with it): the probe must say so, whatever this CPU has."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert dt.cpu_has_native_bf16() is False
+    for uncapped in ("AVX512_CORE_BF16", "ALL", ""):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", uncapped)
+        assert dt.cpu_has_native_bf16() is True
+
+
 def test_api_and_generate_draw_the_same_image(native, tmp_path, capsys):
     from flowtok_fast.pipeline import FlowTokPipeline
 

@@ -36,6 +36,21 @@ def test_throughput_tiny_records(tmp_path, capsys):
     assert len(records) == 4
 
 
+def test_student_line_says_what_flops_allow(tmp_path, capsys):
+    """The student-vs-teacher line carries the arithmetic limit: the decoder and CLIP are the same
+    network in both, so their FLOPs bound the speed-up whatever the flow costs."""
+    from flowtok_fast.perf import flops
+
+    tp = _load("throughput")
+    tp.main(["--model", "tiny", "--batch", "1", "--steps", "4", "--cfg", "2.0", "--repeats", "1", "--train-batch", "0",
+             "--modes", "eager", "--student-steps", "1", "--ceiling-size", "256", "--results", str(tmp_path / "r.jsonl")])
+    teacher, student = flops.end_to_end("tiny", 4, 2.0), flops.end_to_end("tiny", 1, 1.0)
+    limit = teacher["total"] / student["total"]
+    free = teacher["total"] / (student["total"] - student["flow"])
+    assert free > limit > 1
+    assert f"FLOPs per image allow x{limit:.1f} (x{free:.1f} with a free flow)" in capsys.readouterr().out
+
+
 def test_throughput_needs_no_bpe_tokenizer():
     """The CLIP stage runs on token ids: shaped like the tokenizer's output, in the vocabulary."""
     tp = _load("throughput")
