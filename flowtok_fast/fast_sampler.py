@@ -20,9 +20,10 @@ enter its cache), so results are unchanged and the per-step casts are gone.
 
 On a CPU, mode="compile" freezes the weights (`freeze`, default on for CPU): Inductor then treats
 them as constants, folds autocast's casts into bf16 copies made once, and hands the matmuls to
-oneDNN with weights prepacked for this CPU (mkldnn._linear_pointwise). Measured (one thread, CPU
-time, docs/PERFORMANCE.md "CPU inference"): tiny bf16 1.65x eager vs 1.33x unfrozen. Frozen means
-a snapshot: weights changed after the first call are not seen (build a new sampler).
+oneDNN with weights prepacked for this CPU (mkldnn._linear_pointwise); fp32 linears, which
+Inductor would leave to MKL, go to oneDNN too (onednn_linear.py). Measured (one thread, CPU time,
+docs/PERFORMANCE.md "CPU inference"): tiny bf16 1.65x eager vs 1.33x unfrozen; B fp32 1.97x.
+Frozen means a snapshot: weights changed after the first call are not seen (build a new sampler).
 """
 from __future__ import annotations
 
@@ -150,12 +151,15 @@ class FastSampler:
 
 
 def _frozen(compiled):
-    """Run `compiled` with Inductor's freezing on: read by Dynamo when it traces (the first call,
-    and any recompile), so it is set around every call rather than passed as a compile option."""
+    """Run `compiled` (a CPU program) with Inductor's freezing on and fp32 linears on oneDNN: both
+    are read by Dynamo when it traces (the first call, and any recompile), so they are set around
+    every call rather than passed as compile options (onednn_linear.py: 1.97x at B in fp32)."""
     import torch._inductor.config as inductor_config
 
+    from flowtok_fast import onednn_linear
+
     def forward(*args):
-        with inductor_config.patch(freezing=True):
+        with inductor_config.patch(freezing=True), onednn_linear.linears():
             return compiled(*args)
 
     return forward
@@ -163,8 +167,9 @@ def _frozen(compiled):
 
 def decoder(tokenizer: nn.Module, dtype: torch.dtype, compile: bool):
     """latents [B,77,16], CLIP features -> images in [0,1] (fp32), optionally compiled; compiled on a
-    CPU, with frozen weights (B bf16, batch 8: 6.49 vs 7.49 CPU s eager, 1.15x; once the flow is
-    compiled the decoder is ~40% of a CPU batch). Call it under torch.no_grad (freezing needs it)."""
+    CPU, with frozen weights (B bf16: 1.15-1.19x eager; fp32 1.01x; once the flow is compiled the
+    decoder is ~40% of a CPU batch, and 90% of a 1-step student's). FlowTokPipeline.decode uses it
+    outside eager mode. Call it under torch.no_grad (freezing needs it)."""
 
     def decode(latents, feats):
         with torch.autocast(latents.device.type, dtype=dtype, enabled=dtype != torch.float32):

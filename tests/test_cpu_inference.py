@@ -12,6 +12,7 @@ import shutil
 import pytest
 import torch
 
+from flowtok_fast import onednn_linear
 from flowtok_fast.deploy import dtype as precision
 from flowtok_fast.deploy import manifest as mf
 from flowtok_fast.deploy.mode import resolve_mode
@@ -131,9 +132,13 @@ def test_compiled_images_within_2_of_255_of_eager(flowing_tiny_pipeline, dtype):
     compiled = FlowTokPipeline(p.config, p.clip, p.generator, p.tokenizer, device="cpu", dtype=dtype,
                                sampler_mode="compile")
     want = eager(PROMPTS, steps=3, cfg_scale=2.0, seed=3, output="tensor")
-    got = compiled(PROMPTS, steps=3, cfg_scale=2.0, seed=3, output="tensor")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = compiled(PROMPTS, steps=3, cfg_scale=2.0, seed=3, output="tensor")
     assert want.std() > 0.01
     assert (got - want).abs().max() <= 2 / 255
+    # fp32: the compiled flow and decoder run their linears on oneDNN; bf16: autocast's, untouched
+    ran = {e.key for e in prof.key_averages()}
+    assert ("flowtok::onednn_linear" in ran) == (dtype == torch.float32), sorted(k for k in ran if "linear" in k)
 
 
 # ---------------------------------------------------------------- --mode auto
@@ -142,6 +147,9 @@ def test_compiled_images_within_2_of_255_of_eager(flowing_tiny_pipeline, dtype):
 @pytest.mark.parametrize("native", [False, True])
 def test_mode_auto_rule(monkeypatch, native):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    mode, why = resolve_mode("auto", "cpu", torch.float32)
+    assert mode == "compile" and why.startswith("mode auto -> compile") and ("--dtype bf16" in why) == native
+    monkeypatch.setattr(onednn_linear, "available", lambda: False)  # a torch without oneDNN: MKL either way
     mode, why = resolve_mode("auto", "cpu", torch.float32)
     assert mode == "eager" and why.startswith("mode auto -> eager") and ("--dtype bf16" in why) == native
     mode, why = resolve_mode("auto", "cpu", torch.bfloat16)
@@ -154,10 +162,10 @@ def test_mode_auto_rule(monkeypatch, native):
 
 
 def test_generate_mode_auto_prints_the_choice(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # bf16 emulated: eager (no compile here)
     code, out, err = run_cli(["generate", "--random-weights", "--device", "cpu", "--mode", "auto", "--steps", "1",
-                              "--prompt", "a cat", "--out", str(tmp_path / "g.png")], capsys)
+                              "--dtype", "bf16", "--prompt", "a cat", "--out", str(tmp_path / "g.png")], capsys)
     assert code == 0, err
-    assert "mode auto -> eager (CPU, fp32" in out and "--dtype bf16 is faster" in out
+    assert "mode auto -> eager (CPU, bf16 without native bf16" in out
     code, out, err = run_cli(["generate", "--random-weights", "--mode", "fastest", "--prompt", "a cat"], capsys)
     assert code == 2 and "--mode" in err and len(err.strip().splitlines()) == 1

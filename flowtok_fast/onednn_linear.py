@@ -1,0 +1,52 @@
+"""fp32 linears through oneDNN on a CPU, for the compiled samplers (fast_sampler.py).
+
+torch sends an fp32 `F.linear` on a CPU to MKL's sgemm, and Inductor's frozen-weight path keeps it
+there (mkl._mkl_linear). On AMD EPYC (this project's CI machines) MKL takes a slow code path: a
+[1232, 768] x [768, 3072] fp32 linear on one thread runs at 65-93 GFLOP/s through MKL and 146-179
+through oneDNN (mkldnn._linear_pointwise, same fp32 math, a different summation order: max error
+vs fp64 1.2e-4 vs MKL's 6e-5, K = 768). The B generator's flow loop is ~90% GEMM in fp32, so this
+is the whole fp32 lever: 1.97x at B (docs/PERFORMANCE.md, "CPU inference").
+
+`linears()` is a TorchFunctionMode: inside it, every fp32 CPU `F.linear` outside autocast becomes
+`flowtok::onednn_linear`, a custom op that Inductor calls as an opaque kernel and fuses around.
+Applied around the compiled call, never inside a model (as ops.py does for kernels); bf16
+(autocast) and CUDA linears pass through untouched. Inference only: the op has no backward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+
+@torch.library.custom_op("flowtok::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for fp32 CPU tensors, computed by oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def available() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+
+
+class _Linears(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and not torch.is_autocast_enabled("cpu"):
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in (x, weight, bias)):
+                return onednn_linear(x, weight, bias)
+        return func(*args, **kwargs)
+
+
+def linears():
+    """Context: fp32 CPU linears through oneDNN (a no-op where torch has no oneDNN)."""
+    import contextlib
+
+    return _Linears() if available() else contextlib.nullcontext()
