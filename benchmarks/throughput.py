@@ -47,7 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from flowtok_fast import ops  # noqa: E402
+from flowtok_fast import onednn_linear, ops  # noqa: E402
 from flowtok_fast.configs import NUM_TOKENS, TOKEN_CHANNELS, get_config  # noqa: E402
 from flowtok_fast.perf import flops  # noqa: E402
 from flowtok_fast.pipeline import FlowTokPipeline  # noqa: E402
@@ -97,22 +97,27 @@ def environment(device: torch.device) -> dict:
 def measure_ceiling(device: torch.device, repeats: int = 5, n: int | None = None, dtype: torch.dtype | None = None) -> dict:
     """The matmul rate this device reaches in `dtype` (default: bf16 on CUDA, fp32 on CPU), 8192^3
     on CUDA, 2048^3 on CPU: the best repeat (a ceiling; on a loaded machine the median sinks below
-    what a model run can reach in a quiet moment, and MFU would exceed 1)."""
+    what a model run can reach in a quiet moment, and MFU would exceed 1); on a CPU the faster of
+    torch's matmul (MKL) and oneDNN's, which compile mode uses (2-3x MKL on AMD EPYC in fp32)."""
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     inner = 10 if device.type == "cuda" else 1
-    for _ in range(2):
-        a @ b
+    matmuls = [lambda: a @ b]
+    if device.type == "cpu" and onednn_linear.available():  # compile mode's fp32 GEMMs: oneDNN, not MKL
+        matmuls.append(lambda: onednn_linear.onednn_linear(a, b, None))
     times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            a @ b
-        _sync(device)
-        times.append((time.perf_counter() - t0) / inner)
+    for matmul in matmuls:
+        for _ in range(2):
+            matmul()
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                matmul()
+            _sync(device)
+            times.append((time.perf_counter() - t0) / inner)
     return {"ceiling_tflops": 2 * n**3 / min(times) / 1e12, "ceiling_matmul": f"{str(dtype)[6:]} {n}^3"}
 
 

@@ -22,7 +22,7 @@ from flowtok_fast.models.tokenizer import FlowTiTok
 from flowtok_fast.deploy.dtype import auto_dtype
 from flowtok_fast.pipeline import read_recipe, resolve_device
 from flowtok_fast.sampling import PAPER_I2T, Recipe, SamplingOptions
-from flowtok_fast.validate import check_image
+from flowtok_fast.validate import check_image, one_of
 
 COMPONENTS = ("generator", "tokenizer", "text_decoder")
 BUILD_ORDER = ("tokenizer", "generator", "text_decoder")  # the order of build()'s modules
@@ -68,7 +68,8 @@ def check_pixels(pixels, resolution: int) -> torch.Tensor:
 
 class FlowTokCaptioner:
     def __init__(self, config: FlowTokConfig, tokenizer: FlowTiTok, generator: FlowTokGenerator,
-                 text_decoder: TextDecoder, device=None, dtype=None, fused_kernels: bool = False):
+                 text_decoder: TextDecoder, device=None, dtype=None, fused_kernels: bool = False,
+                 sampler_mode: str = "eager"):
         if not tokenizer.has_encoder:
             raise UserError("captioning needs the image tokenizer's encoder")
         self.config = config
@@ -80,6 +81,12 @@ class FlowTokCaptioner:
         self.text_decoder = text_decoder.to(self.device).eval().requires_grad_(False)
         for module in (self.tokenizer, self.generator):
             ops.use(module, "triton" if fused_kernels else "reference")
+        # "eager": flow.sample; else the static sampler of fast_sampler.py (as FlowTokPipeline.flow),
+        # built once per (batch, steps, scale, grid)
+        from flowtok_fast.fast_sampler import MODES
+
+        one_of(sampler_mode, MODES, "sampler mode")
+        self.sampler_mode, self._fast_samplers = sampler_mode, {}
 
     @staticmethod
     def build(config: FlowTokConfig):
@@ -142,6 +149,14 @@ class FlowTokCaptioner:
 
     @torch.no_grad()
     def text_latents(self, z_img: torch.Tensor, opts: SamplingOptions, progress: bool = False) -> torch.Tensor:
+        if self.sampler_mode != "eager" and opts.method == "euler":
+            from flowtok_fast.fast_sampler import FastSampler
+
+            key = (z_img.shape[0], opts.steps, opts.cfg_scale, opts.grid)
+            if key not in self._fast_samplers:
+                self._fast_samplers[key] = FastSampler(self.generator, z_img.shape[0], opts.steps, opts.cfg_scale,
+                                                       opts.grid, self.sampler_mode, self.dtype)
+            return self._fast_samplers[key](z_img)
         with self.autocast():
             return flow.sample(self.generator, z_img, opts.steps, opts.cfg_scale, opts.method, opts.grid, progress)
 

@@ -77,10 +77,14 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, default=256, help="tokenizer resolution for --random-weights (S..H)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--fused-kernels", action="store_true", help="use the Triton kernels (CUDA)")
+    _add_mode(p)
+    _add_threads(p)
+
+
+def _add_mode(p) -> None:
     p.add_argument("--mode", default="eager", choices=("auto", "eager", "compile", "graph", "reduce-overhead"),
                    help="sampler: eager, compile (torch.compile; on CPU with frozen weights), graph (CUDA: the whole "
                         "loop as one CUDA graph), auto (the fastest for this device and dtype, printed)")
-    _add_threads(p)
 
 
 # ---------------------------------------------------------------- verbs
@@ -199,13 +203,15 @@ def cmd_caption(args) -> int:
     from tqdm import tqdm
 
     from flowtok_fast.captioning import FlowTokCaptioner, load_image
+    from flowtok_fast.deploy.mode import resolve_mode
 
     apply_threads(args.threads)
     device = resolve_device(args.device)
     if args.fused_kernels:
         check_fused_kernels(device, "--fused-kernels")
     dtype, why = resolve_dtype(args)
-    kw = dict(device=args.device, fused_kernels=args.fused_kernels, dtype=dtype)
+    mode, why_mode = resolve_mode(args.mode, device, dtype)
+    kw = dict(device=args.device, fused_kernels=args.fused_kernels, dtype=dtype, sampler_mode=mode)
     if args.model_dir:
         cap = FlowTokCaptioner.from_pretrained(args.model_dir, **kw)
     else:
@@ -213,6 +219,8 @@ def cmd_caption(args) -> int:
               "checks the install)", file=sys.stderr)
         cap = FlowTokCaptioner.random(args.config, flowing=True, **kw)
     print(why, file=sys.stderr)  # stdout holds the captions (or JSON)
+    if args.mode == "auto":
+        print(why_mode, file=sys.stderr)
     opts = cap.sampling_options(steps=args.steps, cfg_scale=args.cfg)  # not given: the model's recommendation
     print(cap.sampling.describe(opts), file=sys.stderr)
     resolution = cap.config.tokenizer.resolution
@@ -339,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     cp.add_argument("--fused-kernels", action="store_true", help="use the Triton kernels (CUDA)")
     _add_dtype(cp)
+    _add_mode(cp)
     cp.add_argument("--json", action="store_true", help="print JSON instead of tab-separated lines")
     _add_threads(cp)
     cp.set_defaults(func=cmd_caption)

@@ -167,5 +167,10 @@ def test_generate_mode_auto_prints_the_choice(tmp_path, capsys, monkeypatch):
                               "--dtype", "bf16", "--prompt", "a cat", "--out", str(tmp_path / "g.png")], capsys)
     assert code == 0, err
     assert "mode auto -> eager (CPU, bf16 without native bf16" in out
+    image = str(tmp_path / "g.png")
+    code, out, err = run_cli(["caption", image, "--random-weights", "--device", "cpu", "--mode", "auto", "--steps", "1",
+                              "--dtype", "bf16"], capsys)
+    assert code == 0, err
+    assert "mode auto -> eager (CPU, bf16 without native bf16" in err  # stdout holds the captions
     code, out, err = run_cli(["generate", "--random-weights", "--mode", "fastest", "--prompt", "a cat"], capsys)
     assert code == 2 and "--mode" in err and len(err.strip().splitlines()) == 1

@@ -31,6 +31,7 @@ def add_arguments(p) -> None:
     p.add_argument("--no-spice", action="store_true", help="skip SPICE (slow; needs Stanford CoreNLP files)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (a Java process; slow to start)")
     p.add_argument("--device", default=None)
+    p.add_argument("--mode", default="eager", help="sampler mode: auto, eager, compile, graph, reduce-overhead")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -85,7 +86,12 @@ def run_i2t(args) -> int:
     rank, world = dd.rank_world()
     device = dd.local_device(args.device)
     items = karpathy_split(args.karpathy, args.images, args.split, args.num_images)
-    captioner = FlowTokCaptioner.from_pretrained(args.model_dir, device=device)
+    from flowtok_fast.deploy.dtype import auto_dtype
+    from flowtok_fast.deploy.mode import resolve_mode
+
+    args.mode, why_mode = resolve_mode(args.mode, device, auto_dtype(device))  # auto -> the mode it picks
+    print(why_mode)
+    captioner = FlowTokCaptioner.from_pretrained(args.model_dir, device=device, sampler_mode=args.mode)
     opts = captioner.sampling_options(steps=args.steps, cfg_scale=args.cfg)  # checked before anything is written
     args.steps, args.cfg = opts.steps, opts.cfg_scale
     print(captioner.sampling.describe(opts))

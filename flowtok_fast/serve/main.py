@@ -164,8 +164,8 @@ def load_engine(args):
     args.mode, why_mode = resolve_mode(args.mode, resolve_device(args.device), dtype)  # auto -> the mode it picks
     pipe = load_text_to_image(model_dir=args.model_dir, random_config=args.config if args.random_weights else None,
                               resolution=args.resolution, device=args.device, sampler_mode=args.mode, dtype=dtype)
-    captioner = FlowTokCaptioner.from_pretrained(args.caption_model_dir, device=args.device, dtype=dtype) \
-        if args.caption_model_dir else None
+    captioner = FlowTokCaptioner.from_pretrained(args.caption_model_dir, device=args.device, dtype=dtype,
+                                                 sampler_mode=args.mode) if args.caption_model_dir else None
     print(f"flowtok-fast serve: {why}; {why_mode}", flush=True)
     return ImageEngine(pipe, captioner)
 
