@@ -7,12 +7,15 @@ through oneDNN (mkldnn._linear_pointwise, same fp32 math, a different summation 
 vs fp64 1.2e-4 vs MKL's 6e-5, K = 768). The B generator's flow loop is ~90% GEMM in fp32, so this
 is the whole fp32 lever: 1.97x at B (docs/PERFORMANCE.md, "CPU inference").
 
-`linears()` is a TorchFunctionMode: inside it, every fp32 CPU `F.linear` outside autocast becomes
+`linears()` is a TorchFunctionMode: inside it, every fp32 CPU `F.linear` under no_grad and outside
+autocast becomes
 `flowtok::onednn_linear`, a custom op that Inductor calls as an opaque kernel and fuses around.
 Applied around the compiled call, never inside a model (as ops.py does for kernels); bf16
 (autocast) and CUDA linears pass through untouched. Inference only: the op has no backward.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +40,9 @@ def available() -> bool:
 class _Linears(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and not torch.is_autocast_enabled("cpu"):
-            x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        # inference only (no backward), and autocast's linears are its own (bf16)
+        if func is F.linear and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
+            x, weight, bias = list(args) + [kwargs.get(k) for k in ("input", "weight", "bias")[len(args):]]
             if all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in (x, weight, bias)):
                 return onednn_linear(x, weight, bias)
         return func(*args, **kwargs)
@@ -47,6 +50,4 @@ class _Linears(TorchFunctionMode):
 
 def linears():
     """Context: fp32 CPU linears through oneDNN (a no-op where torch has no oneDNN)."""
-    import contextlib
-
     return _Linears() if available() else contextlib.nullcontext()

@@ -29,7 +29,7 @@ def test_matches_fp64_as_closely_as_torch_fp32(batch, tokens, width, out, bias):
         return (y.double() - exact).pow(2).mean().sqrt().item()
 
     torch_err = rms(F.linear(x, w, b))
-    with onednn_linear.linears():
+    with onednn_linear.linears(), torch.no_grad():
         got = F.linear(x, w, b)
     assert got.shape == exact.shape and got.dtype == torch.float32
     # "about twice" torch's own fp32 error: measured 1.0x (K=96), 1.45x (K=768), 2.1x (K >= 1152;
@@ -40,10 +40,14 @@ def test_matches_fp64_as_closely_as_torch_fp32(batch, tokens, width, out, bias):
 def test_routes_only_fp32_cpu_linears_outside_autocast():
     x, w, b = torch.randn(2, 5, 16), torch.randn(8, 16), torch.randn(8)
     with onednn_linear.linears():
+        assert "flowtok::onednn_linear" not in _ran(lambda: F.linear(x, w, b))  # grad mode: no backward here
+    with onednn_linear.linears(), torch.no_grad():
         assert "flowtok::onednn_linear" in _ran(lambda: F.linear(x, w, b))
+        assert "flowtok::onednn_linear" in _ran(lambda: F.linear(x, weight=w, bias=b))
         assert "flowtok::onednn_linear" in _ran(lambda: torch.nn.Linear(16, 8)(x))  # modules call F.linear
         assert "flowtok::onednn_linear" not in _ran(lambda: F.linear(x.double(), w.double()))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert "flowtok::onednn_linear" not in _ran(lambda: F.linear(x, w, b))
             assert F.linear(x, w, b).dtype == torch.bfloat16  # autocast's linear, as without the context
-    assert "flowtok::onednn_linear" not in _ran(lambda: F.linear(x, w, b))  # only inside the context
+    with torch.no_grad():
+        assert "flowtok::onednn_linear" not in _ran(lambda: F.linear(x, w, b))  # only inside the context
