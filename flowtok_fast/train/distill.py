@@ -35,13 +35,21 @@ from flowtok_fast.train.parallelize import grad_sync, parallelize
 from flowtok_fast.train.trainer import NonFiniteLossError, micro_batch_seed, process_setup
 
 
-def make_student(teacher: FlowTokGenerator, text_vae: TextVAEConfig) -> FlowTokGenerator:
+def make_student(teacher: FlowTokGenerator, text_vae: TextVAEConfig, extra_depth: int = 0) -> FlowTokGenerator:
     """The teacher's network with a zero-initialised step embedder: equal to the teacher on every
-    input until trained. The text VAE, projector and temperature stay the teacher's (frozen)."""
-    cfg = dataclasses.replace(teacher.cfg, step_conditioning=True)
+    input until trained. The text VAE, projector and temperature stay the teacher's (frozen).
+
+    extra_depth: new DiT blocks after the teacher's. Their adaLN modulation starts at zero (DiT's
+    adaLN-Zero), so each gates its attention and MLP by 0 and passes its input through exactly:
+    capacity for the one-step map that still starts as the teacher."""
+    if extra_depth < 0:
+        raise ValueError(f"extra_depth={extra_depth}: expected >= 0")
+    depth = teacher.cfg.depth
+    cfg = dataclasses.replace(teacher.cfg, step_conditioning=True, depth=depth + extra_depth)
     student = FlowTokGenerator(cfg, text_vae)
     result = student.load_state_dict(teacher.state_dict(), strict=False)
-    if result.unexpected_keys or any(not k.startswith("step_embedder.") for k in result.missing_keys):
+    new = ("step_embedder.", *(f"blocks.{i}." for i in range(depth, depth + extra_depth)))
+    if result.unexpected_keys or any(not k.startswith(new) for k in result.missing_keys):
         raise RuntimeError(f"student does not mirror the teacher: {result}")
     for part in (student.context_encoder, student.context_projector):
         part.requires_grad_(False)
@@ -51,16 +59,32 @@ def make_student(teacher: FlowTokGenerator, text_vae: TextVAEConfig) -> FlowTokG
 
 class DistillObjective(nn.Module):
     """loss = mean squared error between the student's velocity for a step of size d from (x, t)
-    and the teacher's secant over that step. Conditional rows only: guidance is built in."""
+    and the teacher's secant over that step. Conditional rows only: guidance is built in.
 
-    def __init__(self, generator: FlowTokGenerator):
+    image_weight > 0 (t2i): plus that weight times the mean squared error, in pixels, between the
+    frozen decoder's image of the student's end point and of the teacher's, on the rows whose step
+    ends the flow: the latent error weighted by what the decoder shows."""
+
+    def __init__(self, generator: FlowTokGenerator, decode=None, image_weight: float = 0.0, distance: str = "mse"):
         super().__init__()
         self.generator = generator
+        self.decode, self.image_weight = decode, image_weight  # a bound method: not a submodule to shard
+        self.distance = distance
 
-    def forward(self, x, t, step_size, target) -> dict[str, torch.Tensor]:
+    def _distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        # l1: where the student cannot tell which of several images the teacher draws, its best
+        # guess is their per-value median (one of them) rather than their mean (a blend)
+        return (a - b).abs().mean() if self.distance == "l1" else (a - b).pow(2).mean()
+
+    def forward(self, x, t, step_size, target, last=None, feats=None, image=None) -> dict[str, torch.Tensor]:
         indicator = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         v = self.generator(x, t, indicator, step_size=step_size).float()
-        return {"loss": (v - target).pow(2).mean()}
+        latent = self._distance(v, target)
+        if not self.image_weight:
+            return {"loss": latent, "latent": latent.detach(), "image": torch.zeros_like(latent)}
+        end = x[last] + step_size[last, None, None] * v[last]
+        pixels = self._distance(self.decode(end, feats).float(), image)
+        return {"loss": latent + self.image_weight * pixels, "latent": latent.detach(), "image": pixels.detach()}
 
 
 class DistillTrainer(TrainLoop):
@@ -71,6 +95,8 @@ class DistillTrainer(TrainLoop):
         self.cfg = cfg
         self.rank, self.world_size, self.device, self.amp_dtype = process_setup(cfg, device)
         self.grad_accum = cfg.grad_accum(self.world_size)
+        if cfg.image_weight:  # the two terms of the loss, logged apart
+            self.LOG_TERMS = ("loss", "latent", "image")
         self.output_dir = Path(cfg.output_dir)
         self._check_same_run()
         for key, exists in (("prompts", Path.is_file), ("images", Path.is_dir)):  # before the teacher loads
@@ -80,11 +106,15 @@ class DistillTrainer(TrainLoop):
         self.direction, self.teacher = load_teacher(cfg.teacher, self.device, self.amp_dtype or torch.float32)
         self.data_kind = self._check_data()
         self.cfg_scale = cfg.cfg_scale if cfg.cfg_scale is not None else self.teacher.sampling.cfg_scale
+        if cfg.image_weight and self.direction != "t2i":
+            raise UserError(f"image_weight={cfg.image_weight:g}: only for a text-to-image teacher (it decodes images)")
         self.targets = TeacherTrajectories(self.teacher, self.direction, cfg.student_steps, cfg.teacher_steps,
-                                           self.cfg_scale, cfg.teacher_sampler)
+                                           self.cfg_scale, cfg.teacher_sampler, images=cfg.image_weight > 0)
         torch.manual_seed(cfg.seed)  # the step embedder's first layer: the same on every rank and every run
-        self.student = make_student(self.teacher.generator, self.teacher.config.text_vae).to(self.device)
-        self.objective = DistillObjective(self.student)
+        self.student = make_student(self.teacher.generator, self.teacher.config.text_vae, cfg.extra_depth).to(self.device)
+        self.teacher.tokenizer.requires_grad_(False)  # the image loss differentiates through it, never trains it
+        self.objective = DistillObjective(self.student, self.teacher.tokenizer.decode if cfg.image_weight else None,
+                                          cfg.image_weight, cfg.distance)
         self.model = parallelize(self.objective, cfg.parallelism, self.device, cfg.fused_kernels, cfg.recompute,
                                  cfg.compile_blocks)
         cuda = self.device.type == "cuda"
@@ -125,7 +155,7 @@ class DistillTrainer(TrainLoop):
 
     def ema_student(self) -> FlowTokGenerator:
         """An unsharded CPU copy of the student with its EMA weights (collective under FSDP)."""
-        final = make_student(self.teacher.generator, self.teacher.config.text_vae).to("cpu")
+        final = make_student(self.teacher.generator, self.teacher.config.text_vae, self.cfg.extra_depth).to("cpu")
         self.ema.copy_to(final)
         return final
 
@@ -139,33 +169,38 @@ class DistillTrainer(TrainLoop):
     # ------------------------------------------------------------ one step
 
     def lr_at(self, step: int) -> float:
-        return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
+        cfg = self.cfg
+        warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        if cfg.schedule == "constant" or step < cfg.warmup_steps:
+            return cfg.lr * warm
+        frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def train_step(self) -> dict[str, float]:
         lr, micro_batches = self._begin_step()
-        total = torch.zeros((), device=self.device)
+        total = torch.zeros(len(self.LOG_TERMS), device=self.device)
         for m, (index, batch) in enumerate(micro_batches):
             seed = micro_batch_seed(self.cfg.seed, self.step, index)
             torch.manual_seed(seed)
             rows = self.targets(batch, torch.Generator(self.device).manual_seed(seed))
             with grad_sync(self.model, m == len(micro_batches) - 1):
                 with self.autocast():
-                    loss = self.model(rows.x, rows.t, rows.step_size, rows.target)["loss"]
-                (loss / self.grad_accum).backward()
-            total += loss.detach().float()
+                    terms = self.model(rows.x, rows.t, rows.step_size, rows.target, rows.last, rows.feats, rows.image)
+                (terms["loss"] / self.grad_accum).backward()
+            total += torch.stack([terms[k].detach().float() for k in self.LOG_TERMS])
         if self.world_size > 1:
             dist.all_reduce(total)
-        value = (total / (self.grad_accum * self.world_size)).item()
-        if not math.isfinite(value):
-            raise NonFiniteLossError(f"non-finite loss at step {self.step + 1}: loss={value}")
+        values = dict(zip(self.LOG_TERMS, (total / (self.grad_accum * self.world_size)).tolist()))
+        if not math.isfinite(values["loss"]):
+            raise NonFiniteLossError(f"non-finite loss at step {self.step + 1}: loss={values['loss']}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update()
         self.step += 1
-        return {"step": self.step, "lr": lr, "loss": value}
+        return {"step": self.step, "lr": lr, **values}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flowtok_fast.errors import UserError
-from flowtok_fast.train.config import (AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, PARALLELISMS, POSITIVE, PRECISIONS, UNIT_OPEN,
-                                       check_choices, check_ranges)
+from flowtok_fast.train.config import (AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, PARALLELISMS, POSITIVE, PRECISIONS, UNIT,
+                                       UNIT_OPEN, check_choices, check_ranges)
 
 TEACHER_SAMPLERS = ("euler", "heun")
+SCHEDULES = ("constant", "cosine")
+DISTANCES = ("mse", "l1")
 # settings a resumed run may change (how long, how often, where progress goes); the rest fix the run
 RESUMABLE = ("steps", "log_interval", "ckpt_interval", "keep_checkpoints", "progress", "resume", "data_workers")
 
@@ -32,6 +34,9 @@ class DistillConfig:
     cfg_scale: float | None = None  # guidance built into the student; None: the teacher's recommended scale
     teacher_steps: int = 32  # the teacher's ODE, on the consistent grid: a multiple of every student step count
     teacher_sampler: str = "euler"  # euler | heun
+    distance: str = "mse"  # mse | l1: how far the student's velocity (and image) is from the teacher's
+    image_weight: float = 0.0  # t2i: + this x pixel MSE of the decoded end images (student's vs teacher's)
+    extra_depth: int = 0  # student-only DiT blocks after the teacher's, zero-gated (the student starts as the teacher)
     # optimiser
     global_batch: int = 64  # trajectories per step (each gives sum(student_steps) student rows)
     micro_batch: int = 64
@@ -39,6 +44,8 @@ class DistillConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
     warmup_steps: int = 50
+    schedule: str = "constant"  # after warm-up: constant | cosine (to min_lr_ratio * lr at `steps`)
+    min_lr_ratio: float = 0.1
     ema_decay: float = 0.995
     # systems
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
@@ -63,12 +70,14 @@ class DistillConfig:
         from flowtok_fast.perf.planner import POLICIES
 
         check_choices(self, {"precision": PRECISIONS, "parallelism": PARALLELISMS, "teacher_sampler": TEACHER_SAMPLERS,
+                             "schedule": SCHEDULES, "distance": DISTANCES,
                              "recompute": tuple(POLICIES)})
         check_ranges(self, {
             **{k: AT_LEAST_1 for k in ("global_batch", "micro_batch", "steps", "log_interval", "ckpt_interval",
                                        "teacher_steps")},
-            **{k: AT_LEAST_0 for k in ("warmup_steps", "keep_checkpoints", "seed", "data_workers")},
-            "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "ema_decay": UNIT_OPEN,
+            **{k: AT_LEAST_0 for k in ("warmup_steps", "keep_checkpoints", "seed", "data_workers", "extra_depth")},
+            "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "ema_decay": UNIT_OPEN, "min_lr_ratio": UNIT,
+            "image_weight": NON_NEGATIVE,
         })
         if self.cfg_scale is not None and not math.isfinite(self.cfg_scale):
             raise UserError(f"cfg_scale={self.cfg_scale!r}: expected a finite number (or null for the teacher's)")

@@ -53,7 +53,7 @@ def export_from_checkpoint(checkpoint: Path, raw: dict, out: Path, use_ema: bool
         raise UserError(f"{checkpoint}: not a readable distillation config ({err})") from None
     _, teacher = load_teacher(cfg.teacher, torch.device("cpu"), torch.float32)
     weights = read_generator_weights(checkpoint)
-    student = make_student(teacher.generator, teacher.config.text_vae)
+    student = make_student(teacher.generator, teacher.config.text_vae, cfg.extra_depth)
     sd = {k.removeprefix("model.generator."): v for k, v in weights.items() if k.startswith("model.generator.")}
     if use_ema:
         sd.update({k.removeprefix("ema."): v for k, v in weights.items() if k.startswith("ema.")})

@@ -27,6 +27,11 @@ class StudentRows:
     t: torch.Tensor  # [R] query times
     step_size: torch.Tensor  # [R]
     target: torch.Tensor  # [R, 77, 16] velocity the student must output
+    # image_weight > 0 only: the rows whose step ends the flow, the text features its decoder reads,
+    # and the teacher's image there (decoded from its ODE end point)
+    last: torch.Tensor | None = None  # [L] row indices
+    feats: torch.Tensor | None = None  # [L, 77, width]
+    image: torch.Tensor | None = None  # [L, 3, H, W]
 
 
 class PromptList:
@@ -93,20 +98,22 @@ class TeacherTrajectories:
     steps on the consistent grid, Euler or Heun, CFG `cfg_scale`), in no_grad."""
 
     def __init__(self, teacher, direction: str, student_steps: tuple[int, ...], teacher_steps: int,
-                 cfg_scale: float, sampler: str = "euler"):
+                 cfg_scale: float, sampler: str = "euler", images: bool = False):
         self.teacher, self.direction = teacher, direction
         self.student_steps, self.teacher_steps = tuple(student_steps), teacher_steps
         self.cfg_scale, self.sampler = cfg_scale, sampler
+        self.images = images  # t2i: also the teacher's decoded end images (DistillConfig.image_weight)
 
     @torch.no_grad()
-    def start_latents(self, batch: dict, rng: torch.Generator) -> torch.Tensor:
+    def start_latents(self, batch: dict, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(start latents, the CLIP features of the prompts: t2i only)."""
         if self.direction == "t2i":
             feats = self.teacher.encode_text(batch["prompts"])
-            return self.teacher.text_latents(feats, rng)
+            return self.teacher.text_latents(feats, rng), feats
         from flowtok_fast.captioning import load_images
 
         pixels = load_images(batch["paths"], self.teacher.config.tokenizer.resolution)
-        return self.teacher.image_latents(pixels).float()
+        return self.teacher.image_latents(pixels).float(), None
 
     @torch.no_grad()
     def trajectory(self, x0: torch.Tensor) -> list[torch.Tensor]:
@@ -140,4 +147,18 @@ class TeacherTrajectories:
         return StudentRows(torch.cat(xs), torch.cat(ts).to(device), torch.cat(ds).to(device), torch.cat(vs))
 
     def __call__(self, batch: dict, rng: torch.Generator) -> StudentRows:
-        return self.rows(self.trajectory(self.start_latents(batch, rng)))
+        x0, feats = self.start_latents(batch, rng)
+        states = self.trajectory(x0)
+        rows = self.rows(states)
+        if self.images:
+            groups = len(self.student_steps)  # every step count ends at the same teacher end point
+            with torch.no_grad():
+                rows.image = self.teacher.decode(states[-1], feats).repeat(groups, 1, 1, 1)
+            b, start = x0.shape[0], 0
+            last = []
+            for n in self.student_steps:  # rows are grouped by step count, i = 0..n-1: the last group ends the flow
+                start += n * b
+                last.append(torch.arange(start - b, start))
+            rows.last = torch.cat(last).to(x0.device)
+            rows.feats = feats.repeat(groups, 1, 1)
+        return rows

@@ -32,9 +32,12 @@ def _config(d, out, **kw):
     return DistillConfig(**{**base, **kw})
 
 
-def test_fresh_student_is_the_teacher_bit_for_bit():
+@pytest.mark.parametrize("extra_depth", [0, 2])
+def test_fresh_student_is_the_teacher_bit_for_bit(extra_depth):
+    """Also with extra blocks (extra_depth): their adaLN-Zero gates start at 0, so they pass x through."""
     teacher = flowing_tiny(0)
-    student = make_student(teacher.generator, teacher.config.text_vae).eval()
+    student = make_student(teacher.generator, teacher.config.text_vae, extra_depth).eval()
+    assert len(student.blocks) == len(teacher.generator.blocks) + extra_depth
     assert not any(k.startswith("step_embedder") for k in teacher.generator.state_dict())  # the published layout
     x, t = torch.randn(3, 77, 16), torch.rand(3)
     for indicator in (torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.long)):
@@ -51,6 +54,22 @@ def test_fresh_student_is_the_teacher_bit_for_bit():
         if model is teacher.generator:
             want = out
     assert torch.equal(out, want)
+    # the new blocks still learn: their gates get gradients
+    if extra_depth:
+        student(x, t, torch.zeros(3, dtype=torch.long), step_size=torch.full((3,), 0.5)).pow(2).mean().backward()
+        assert student.blocks[-1].adaLN_modulation[-1].weight.grad.abs().sum() > 0
+
+
+def test_image_loss_and_l1_distance_train(teacher_dir, tmp_path):
+    """image_weight decodes the end of the flow's last step (student's and teacher's) and adds their
+    pixel distance; distance=l1 and the cosine schedule run; the terms are logged apart."""
+    cfg = _config(teacher_dir, tmp_path / "s", steps=2, student_steps=(1, 2), teacher_steps=4, image_weight=2.0,
+                  distance="l1", schedule="cosine", extra_depth=1)
+    trainer = DistillTrainer(cfg, device="cpu")
+    trainer.train()
+    row = trainer.history[-1]
+    assert row["loss"] == pytest.approx(row["latent"] + 2.0 * row["image"], rel=1e-5) and row["image"] > 0
+    assert trainer.lr_at(cfg.steps - 1) < trainer.lr_at(cfg.warmup_steps) == cfg.lr
 
 
 def test_one_step_student_beats_the_teachers_one_step_by_5x(teacher_dir, tmp_path):
@@ -84,8 +103,10 @@ def test_cli_distils_exports_and_the_student_runs(teacher_dir, tmp_path, capsys)
     out = tmp_path / "student"
     code, stdout, err = run_cli(["distill", str(teacher_dir / "teacher"), "--out", str(out), "--threads", "1",
                                  f"prompts={teacher_dir / 'prompts.txt'}", "student_steps=[1,2]", "teacher_steps=4",
-                                 "steps=2", "global_batch=8", "micro_batch=8", "progress=false"], capsys)
+                                 "steps=2", "global_batch=8", "micro_batch=8", "extra_depth=1", "progress=false"], capsys)
     assert code == 0, err
+    teacher_depth = json.loads((teacher_dir / "teacher" / "config.json").read_text())["config"]["generator"]["depth"]
+    assert json.loads((out / "config.json").read_text())["config"]["generator"]["depth"] == teacher_depth + 1
     recipe = json.loads((out / "config.json").read_text())["sampling"]
     assert recipe["distilled_steps"] == [1, 2] and recipe["steps"] == 1 and recipe["cfg_scale"] == 1.0
     assert recipe["guidance"] == 2.0  # the teacher recommends nothing: the paper's scale
@@ -118,6 +139,9 @@ def test_i2t_teacher_distils_from_images(tmp_path, capsys):
                             "student_steps=[1]", "teacher_steps=2", "steps=1", "global_batch=4", "micro_batch=4",
                             "progress=false"], capsys)
     assert code == 0, err
+    _refused(["distill", str(tmp_path / "teacher"), "--out", str(tmp_path / "s2"), f"images={images}", "image_weight=1"],
+             capsys, "only for a text-to-image teacher")
+    assert not (tmp_path / "s2").exists() and not (tmp_path / "s2.run").exists()
     captioner = FlowTokCaptioner.from_pretrained(str(out))
     assert captioner.sampling_defaults == {"steps": 1, "cfg_scale": 1.0, "method": "euler", "grid": "consistent"}
     assert len(captioner([str(images / "0.png")])) == 1
