@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from flowtok_fast.kernels import adaln, attention, flow_step, swiglu  # noqa: F401  (registers the ops)
+from flowtok_fast import onednn_linear  # noqa: F401  (registers flowtok::onednn_linear)
 
 F32, BF16 = torch.float32, torch.bfloat16
 
@@ -77,6 +78,10 @@ CASES = {
     "cfg_euler_step_": [("tensors", lambda: (_r(2, 7, 16), _r(4, 7, 16), torch.tensor(0.05), 0.0,
                                              torch.tensor(2.0), 0.0)),
                         ("floats_vbf16", lambda: (_r(2, 7, 16), _r(4, 7, 16, dtype=BF16), None, 0.05, None, 2.0))],
+    # a CPU op (oneDNN), inference only: CPU tensors on every machine, no gradients
+    "onednn_linear": [("bias", lambda: (torch.randn(2, 5, 24, device="cpu"), torch.randn(40, 24, device="cpu"),
+                                        torch.randn(40, device="cpu"))),
+                      ("no_bias", lambda: (torch.randn(7, 24, device="cpu"), torch.randn(40, 24, device="cpu"), None))],
     "euler_step_": [("tensor", lambda: (_r(2, 7, 16), _r(2, 7, 16), torch.tensor(0.05), 0.0)),
                     ("float", lambda: (_r(2, 7, 16), _r(2, 7, 16), None, 0.05))],
 }
