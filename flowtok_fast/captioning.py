@@ -150,13 +150,9 @@ class FlowTokCaptioner:
     @torch.no_grad()
     def text_latents(self, z_img: torch.Tensor, opts: SamplingOptions, progress: bool = False) -> torch.Tensor:
         if self.sampler_mode != "eager" and opts.method == "euler":
-            from flowtok_fast.fast_sampler import FastSampler
+            from flowtok_fast.fast_sampler import cached
 
-            key = (z_img.shape[0], opts.steps, opts.cfg_scale, opts.grid)
-            if key not in self._fast_samplers:
-                self._fast_samplers[key] = FastSampler(self.generator, z_img.shape[0], opts.steps, opts.cfg_scale,
-                                                       opts.grid, self.sampler_mode, self.dtype)
-            return self._fast_samplers[key](z_img)
+            return cached(self._fast_samplers, self.generator, z_img.shape[0], opts, self.sampler_mode, self.dtype)(z_img)
         with self.autocast():
             return flow.sample(self.generator, z_img, opts.steps, opts.cfg_scale, opts.method, opts.grid, progress)
 

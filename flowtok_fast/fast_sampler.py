@@ -150,6 +150,15 @@ class FastSampler:
         return self.x.clone()
 
 
+def cached(cache: dict, generator: nn.Module, batch: int, opts, mode: str, dtype: torch.dtype) -> FastSampler:
+    """The static sampler for (batch, steps, scale, grid) of `opts` (SamplingOptions), built once into
+    `cache` (a pipeline's or captioner's) and reused."""
+    key = (batch, opts.steps, opts.cfg_scale, opts.grid)
+    if key not in cache:
+        cache[key] = FastSampler(generator, batch, opts.steps, opts.cfg_scale, opts.grid, mode, dtype)
+    return cache[key]
+
+
 def _frozen(compiled):
     """Run `compiled` (a CPU program) with Inductor's freezing on and fp32 linears on oneDNN: both
     are read by Dynamo when it traces (the first call, and any recompile), so they are set around

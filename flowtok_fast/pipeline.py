@@ -163,13 +163,9 @@ class FlowTokPipeline:
     @torch.no_grad()
     def flow(self, z_text: torch.Tensor, opts: SamplingOptions, progress: bool = False) -> torch.Tensor:
         if self.sampler_mode != "eager" and opts.method == "euler":
-            from flowtok_fast.fast_sampler import FastSampler
+            from flowtok_fast.fast_sampler import cached
 
-            key = (z_text.shape[0], opts.steps, opts.cfg_scale, opts.grid)
-            if key not in self._fast_samplers:
-                self._fast_samplers[key] = FastSampler(self.generator, z_text.shape[0], opts.steps, opts.cfg_scale,
-                                                       opts.grid, self.sampler_mode, self.dtype)
-            return self._fast_samplers[key](z_text)
+            return cached(self._fast_samplers, self.generator, z_text.shape[0], opts, self.sampler_mode, self.dtype)(z_text)
         with self.autocast():
             return flow.sample(self.generator, z_text, opts.steps, opts.cfg_scale, opts.method, opts.grid, progress)
 
