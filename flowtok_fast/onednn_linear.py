@@ -37,17 +37,30 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
 
+def _aten_linear(x, weight, bias):
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 class _Linears(TorchFunctionMode):
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         # inference only (no backward), and autocast's linears are its own (bf16)
         if func is F.linear and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
             x, weight, bias = list(args) + [kwargs.get(k) for k in ("input", "weight", "bias")[len(args):]]
             if all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in (x, weight, bias)):
-                return onednn_linear(x, weight, bias)
+                return self.linear(x, weight, bias)
         return func(*args, **kwargs)
 
 
-def linears():
-    """Context: fp32 CPU linears through oneDNN (a no-op where torch has no oneDNN)."""
-    return _Linears() if available() else contextlib.nullcontext()
+def linears(for_export: bool = False):
+    """Context: fp32 CPU linears through oneDNN (a no-op where torch has no oneDNN). for_export:
+    around torch.export of an AOTInductor package, the ATen op itself (`mkldnn._linear_pointwise`,
+    which the package calls from C++ with no Python; Inductor's JIT lowering of it wants prepacked
+    constant weights, hence the custom op there). B's fp32 flow step in a package: 2.01x."""
+    if not available():
+        return contextlib.nullcontext()
+    return _Linears(_aten_linear if for_export else onednn_linear)

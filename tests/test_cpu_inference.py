@@ -84,6 +84,26 @@ def test_exported_bf16_flow_stage_stores_bf16_weights(flowing_tiny_pipeline, tin
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exported_fp32_linears_are_onednn(flowing_tiny_pipeline, dtype):
+    """A CPU package's fp32 linears are traced as oneDNN's (mkldnn._linear_pointwise, called from C++
+    by the package), not MKL's addmm; a bf16 stage keeps autocast's."""
+    from flowtok_fast.deploy.export import export_program
+    from tests.conftest import PACKAGE_BATCH, PACKAGE_CFG, PACKAGE_STEPS
+
+    gen = flowing_tiny_pipeline.generator
+    step = FlowStep(gen if dtype == torch.float32 else lowp_weights(gen, dtype), PACKAGE_BATCH, PACKAGE_STEPS,
+                    PACKAGE_CFG, "reference", dtype, "cpu")
+    program = export_program(step, (torch.randn(PACKAGE_BATCH, 77, 16), torch.full((step.rows,), 0.3)))
+    ops = [str(n.target) for gm in program.graph_module.modules() if isinstance(gm, torch.fx.GraphModule)
+           for n in gm.graph.nodes if n.op == "call_function"]  # autocast regions are subgraphs
+    onednn, other = sum("mkldnn._linear_pointwise" in o for o in ops), sum(o.startswith(("aten.linear", "aten.addmm")) for o in ops)
+    if dtype == torch.float32:
+        assert onednn >= 10 and other == 0, ops  # every linear of the step (15 at tiny), none left to MKL
+    else:
+        assert onednn == 0 and other > 0, ops
+
+
 # ---------------------------------------------------------------- the CPU a package was built for
 
 

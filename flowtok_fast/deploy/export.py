@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from flowtok_fast import onednn_linear
 from flowtok_fast.configs import NUM_TOKENS, TOKEN_CHANNELS
 from flowtok_fast.deploy import manifest as mf
 from flowtok_fast.deploy.dtype import CHOICES as DTYPE_CHOICES, dtype_name, resolve_dtype
@@ -61,9 +62,15 @@ def stage_programs(pipe, batch: int, steps: int, cfg_scale: float, grid: str, dt
     }
 
 
+def export_program(module, example: tuple):
+    """torch.export of one stage; fp32 linears on a CPU traced as oneDNN's, not MKL's
+    (onednn_linear.py: B's fp32 flow step in a package 2.01x)."""
+    with torch.no_grad(), onednn_linear.linears(for_export=True):
+        return torch.export.export(module.eval(), example, strict=False)
+
+
 def compile_stage(module, example: tuple, path: Path, inductor_configs: dict | None = None) -> None:
-    with torch.no_grad():
-        program = torch.export.export(module.eval(), example, strict=False)
+    program = export_program(module, example)
     torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=inductor_configs)
 
 
