@@ -38,7 +38,7 @@ def measure_student(directory: Path) -> tuple[list[dict], dict]:
     steps = pipe.sampling.distilled_steps
     prompts = OQ.prompts_of("eval")
     rows = [OQ.measure(pipe, prompts, n, pipe.sampling.grid, 1.0) for n in steps]
-    return rows, {"distilled_steps": list(steps), "guidance": pipe.sampling.guidance}
+    return rows, {"distilled_steps": list(steps), "guidance": pipe.sampling.guidance, "depth": pipe.generator.cfg.depth}
 
 
 def _machine() -> str:
@@ -52,12 +52,15 @@ def card(rows: list[dict], teacher: dict, meta: dict, command: str, seconds: flo
     lines = ["# A few-step student of the open-task teacher", "",
              f"`open_student/` is `models/open_t2i` distilled by `flowtok-fast distill` (docs/DISTILLATION.md) into a "
              f"student for {', '.join(map(str, meta['distilled_steps']))} Euler step(s) (consistent grid, one row per "
-             "image, the teacher's CFG 1.0 built in). It saw only the training prompts "
+             f"image, CFG {meta['guidance']:g} built in; the teacher's own rows are at its recommended CFG 1.0). "
+             "It saw only the training prompts "
              "(`examples/shapes/open_prompts_train.txt`); the scores below are on the 32 evaluation prompts x 8 seeds "
              "(examples/shapes/open_quality.py), the teacher's rows from models/open_quality.json.", "",
              f"Command: `{command}`" + (f" ({seconds:.0f} s wall on the machine below)" if seconds else "") + ".",
              f"Measured at commit {R.commit()['commit'][:10]} on {_machine()}; stored as the teacher is "
-             f"(fp16 parameters, the grammar's vocabulary rows): {size / 2**20:.2f} MiB.", "",
+             f"(fp16 parameters, the grammar's vocabulary rows): {size / 2**20:.2f} MiB; generator depth "
+             f"{meta['depth']} (the teacher's {json.loads((MODELS / 'open_t2i' / 'config.json').read_text())['config']['generator']['depth']}"
+             " plus `extra_depth` zero-gated blocks).", "",
              "| model | steps | fixed attributes | clean objects | coverage | generator row-forwards per image |",
              "|---|---|---|---|---|---|",
              f"| teacher | 25 | {100 * t25['fixed_attributes']:.1f}% | {100 * t25['clean_objects']:.1f}% | "

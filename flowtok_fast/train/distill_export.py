@@ -16,7 +16,8 @@ from flowtok_fast.train.export_model import write_model_directory
 def student_recipe(student_steps, cfg_scale: float) -> Recipe:
     return Recipe(steps=min(student_steps), cfg_scale=1.0, method="euler", grid="consistent",
                   distilled_steps=tuple(student_steps), guidance=float(cfg_scale),
-                  how_chosen="distilled: the fewest step count it was trained for, guidance built in (cfg 1.0)")
+                  how_chosen=f"distilled: the fewest step count it was trained for, guidance {cfg_scale:g} built "
+                            "in (sampled at cfg 1.0)")
 
 
 def export_student(teacher, generator, cfg, cfg_scale: float, force: bool = False, provenance: dict | None = None) -> Path:
