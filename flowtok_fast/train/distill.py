@@ -32,6 +32,7 @@ from flowtok_fast.train.distill_targets import ImageFolder, PromptList, TeacherT
 from flowtok_fast.train.ema import EMA
 from flowtok_fast.train.loop import TrainLoop
 from flowtok_fast.train.parallelize import grad_sync, parallelize
+from flowtok_fast.train.schedule import learning_rate
 from flowtok_fast.train.trainer import NonFiniteLossError, micro_batch_seed, process_setup
 
 
@@ -169,12 +170,7 @@ class DistillTrainer(TrainLoop):
     # ------------------------------------------------------------ one step
 
     def lr_at(self, step: int) -> float:
-        cfg = self.cfg
-        warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-        if cfg.schedule == "constant" or step < cfg.warmup_steps:
-            return cfg.lr * warm
-        frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+        return learning_rate(step, self.cfg)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)

@@ -14,9 +14,9 @@ from pathlib import Path
 from flowtok_fast.errors import UserError
 from flowtok_fast.train.config import (AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, PARALLELISMS, POSITIVE, PRECISIONS, UNIT,
                                        UNIT_OPEN, check_choices, check_ranges)
+from flowtok_fast.train.schedule import SCHEDULES
 
 TEACHER_SAMPLERS = ("euler", "heun")
-SCHEDULES = ("constant", "cosine")
 DISTANCES = ("mse", "l1")
 # settings a resumed run may change (how long, how often, where progress goes); the rest fix the run
 RESUMABLE = ("steps", "log_interval", "ckpt_interval", "keep_checkpoints", "progress", "resume", "data_workers")

@@ -12,8 +12,8 @@ from flowtok_fast.errors import UserError
 from flowtok_fast.train.config import (
     AT_LEAST_0, AT_LEAST_1, FINITE, NON_NEGATIVE, POSITIVE, UNIT, UNIT_OPEN, build_config, check_choices, check_ranges,
 )
+from flowtok_fast.train.schedule import SCHEDULES
 
-SCHEDULES = ("constant", "cosine")
 INITS = ("fan_in", "default")
 
 
