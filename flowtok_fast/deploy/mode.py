@@ -1,7 +1,8 @@
-"""`--mode auto|eager|compile|graph|reduce-overhead`: which sampler runs the flow, one rule meant for
-every verb with a sampler and the server (generate calls it; evaluate and serve are to call it the
-same way). auto picks by a rule written from measurements (docs/PERFORMANCE.md, "CPU inference"),
-and says why in one printed line, like `--dtype auto`:
+"""`--mode auto|eager|compile|graph|reduce-overhead`: which sampler runs the flow (and, outside eager,
+whether the decoder is compiled), one rule for every verb with a sampler and the server (generate,
+caption, serve, evaluate t2i and i2t call it). auto picks by a rule written from measurements
+(docs/PERFORMANCE.md, "CPU inference" and its second pass), and says why in one printed line, like
+`--dtype auto`:
 
     CUDA             graph: the compiled forward and the whole N-step loop as ONE CUDA graph (no
                      per-step launches; not measured in this change: no GPU, the GPU suite's
