@@ -59,7 +59,8 @@ def test_out_of_range_options(argv, verb, needles, capsys, nothing_written, no_m
 
 
 @pytest.mark.parametrize("extra, needle", [(["--steps", "0"], "--steps"), (["--cfg", "nan"], "--cfg"),
-                                           (["--batch-size", "0"], "--batch-size"), (["--steps", "501"], "--steps")])
+                                           (["--batch-size", "0"], "--batch-size"), (["--steps", "501"], "--steps"),
+                                           (["--mode", "fastest"], "--mode")])
 def test_evaluate_i2t_options_refused_before_anything_is_written(extra, needle, capsys, nothing_written, no_model):
     argv = ["evaluate", "i2t", "--model-dir", "m", "--karpathy", "k.json", "--images", "coco", "--out", "ev", *extra]
     code, _, err = run_cli(argv, capsys)

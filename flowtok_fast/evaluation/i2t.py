@@ -78,6 +78,8 @@ def caption_shards(captioner, items, folder, shard_size, batch_size, opts, rank,
 
 def run_i2t(args) -> int:
     from flowtok_fast.captioning import FlowTokCaptioner
+    from flowtok_fast.deploy.dtype import auto_dtype
+    from flowtok_fast.deploy.mode import resolve_mode
     from flowtok_fast.metrics import caption_metrics
 
     for name in ("batch_size", "shard_size"):
@@ -85,11 +87,8 @@ def run_i2t(args) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     rank, world = dd.rank_world()
     device = dd.local_device(args.device)
-    items = karpathy_split(args.karpathy, args.images, args.split, args.num_images)
-    from flowtok_fast.deploy.dtype import auto_dtype
-    from flowtok_fast.deploy.mode import resolve_mode
-
     args.mode, why_mode = resolve_mode(args.mode, device, auto_dtype(device))  # auto -> the mode it picks
+    items = karpathy_split(args.karpathy, args.images, args.split, args.num_images)
     print(why_mode)
     captioner = FlowTokCaptioner.from_pretrained(args.model_dir, device=device, sampler_mode=args.mode)
     opts = captioner.sampling_options(steps=args.steps, cfg_scale=args.cfg)  # checked before anything is written
