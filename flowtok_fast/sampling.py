@@ -107,20 +107,25 @@ class Recipe:
         unknown = sorted(set(given) - set(OPTION_NAMES) - {"seed"})
         if unknown:
             raise UserError(f"unknown sampling option(s) {unknown}: expected some of {['seed', *OPTION_NAMES]}")
-        opts = SamplingOptions(**{**{k: getattr(self, k) for k in OPTION_NAMES}, **given})
+        opts = SamplingOptions(**{**self.defaults, **given})
         key = (opts.steps, opts.cfg_scale)
-        if key in self._warned:  # once per model and setting, not once per batch
-            return opts
-        self._warned.add(key)
-        if self.distilled_steps and opts.steps not in self.distilled_steps:
-            warnings.warn(FlowTokWarning(
-                f"steps={opts.steps}: this few-step student was distilled for steps "
-                f"{', '.join(map(str, self.distilled_steps))} (other counts run, untrained)"), stacklevel=3)
-        if self.guidance is not None and opts.cfg_scale != 1.0:
-            warnings.warn(FlowTokWarning(
-                f"cfg_scale={opts.cfg_scale:g}: this student has guidance {self.guidance:g} built in and runs at "
-                "cfg_scale 1.0 (one row per image); another scale adds guidance on top of it"), stacklevel=3)
+        if key not in self._warned:  # once per model and setting, not once per batch
+            self._warned.add(key)
+            for note in self.notes(opts):
+                warnings.warn(FlowTokWarning(note), stacklevel=3)
         return opts
+
+    def notes(self, opts: SamplingOptions) -> list[str]:
+        """What a user should hear about `opts` for this model: a student asked for a step count it
+        was not distilled for, or for guidance on top of the guidance built into it."""
+        notes = []
+        if self.distilled_steps and opts.steps not in self.distilled_steps:
+            notes.append(f"steps={opts.steps}: this few-step student was distilled for steps "
+                         f"{', '.join(map(str, self.distilled_steps))} (other counts run, untrained)")
+        if self.guidance is not None and opts.cfg_scale != 1.0:
+            notes.append(f"cfg_scale={opts.cfg_scale:g}: this student has guidance {self.guidance:g} built in and "
+                         "runs at cfg_scale 1.0 (one row per image); another scale adds guidance on top of it")
+        return notes
 
     def describe(self, opts: SamplingOptions) -> str:
         """One line: the options used, and which came from the model."""

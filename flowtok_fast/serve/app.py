@@ -187,11 +187,12 @@ def create_app(state: ServerState, warm_in_background: bool = True) -> FastAPI:
         return None
 
     def sampling(model, given: dict, notes: list[str]):
-        """The request's options, the model's recommendation where it gave none (and its warnings)."""
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        """The request's options, the model's recommendation where it gave none, and its notes (every
+        request gets them: the model's own warnings are said once per process)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             opts = model.sampling_options(**given)
-        notes += [str(w.message) for w in caught]
+        notes += model.sampling.notes(opts)
         return opts
 
     def used(opts) -> dict:

@@ -128,3 +128,18 @@ def test_rejections_are_counted_by_reason(client):
 def test_the_page_has_a_prompt_box_and_a_generate_button(client):
     html = client.get("/").text
     assert 'id="prompt"' in html and 'id="generate"' in html and "/v1/images" in html
+
+
+def test_every_request_hears_a_students_note(tiny_engine, monkeypatch):
+    """A student asked for a step count it was not distilled for: each request says so (the
+    model's own Python warning is said once per process, the server's notes are per request)."""
+    from flowtok_fast.sampling import Recipe
+    from flowtok_fast.serve.app import create_app
+
+    monkeypatch.setattr(tiny_engine.pipe, "sampling", Recipe(steps=1, cfg_scale=1.0, distilled_steps=(1,), guidance=2.0))
+    with TestClient(create_app(make_state(tiny_engine, buckets=(1,), max_wait_ms=5), warm_in_background=False),
+                    raise_server_exceptions=False) as c:
+        for _ in range(2):
+            r = c.post("/v1/images", json={"prompt": "a red cube", "steps": 2})
+            assert r.status_code == 200, r.text
+            assert "distilled for steps 1" in r.headers["X-FlowTok-Warning"]
