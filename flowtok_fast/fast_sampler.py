@@ -91,8 +91,6 @@ class FastSampler:
             forward = torch.compile(forward, mode="reduce-overhead", dynamic=False)
         elif mode == "compile" or (mode == "graph" and compile):
             forward = torch.compile(forward, dynamic=False)
-            if self.freeze:
-                forward = _frozen(forward)
         self.forward = forward
         self.graph = None
         if mode == "graph":
@@ -145,6 +143,9 @@ class FastSampler:
         self.x.copy_(x0)
         if self.graph is not None:
             self.graph.replay()
+        elif self.freeze:
+            with _frozen():
+                self._loop()
         else:
             self._loop()
         return self.x.clone()
@@ -159,24 +160,26 @@ def cached(cache: dict, generator: nn.Module, batch: int, opts, mode: str, dtype
     return cache[key]
 
 
-def _frozen(compiled):
-    """Run `compiled` (a CPU program) with Inductor's freezing on and fp32 linears on oneDNN: both
-    are read by Dynamo when it traces (the first call, and any recompile), so they are set around
-    every call rather than passed as compile options (onednn_linear.py: 1.97x at B in fp32)."""
+def _frozen():
+    """Context for running a compiled CPU program: Inductor's freezing on and fp32 linears on
+    oneDNN. Both are read by Dynamo when it traces (the first call, and any recompile), so they are
+    set around the calls (once per sample, not per step) rather than passed as compile options
+    (onednn_linear.py: 1.97x at B in fp32)."""
+    import contextlib
+
     import torch._inductor.config as inductor_config
 
     from flowtok_fast import onednn_linear
 
-    def forward(*args):
-        with inductor_config.patch(freezing=True), onednn_linear.linears():
-            return compiled(*args)
-
-    return forward
+    stack = contextlib.ExitStack()
+    stack.enter_context(inductor_config.patch(freezing=True))
+    stack.enter_context(onednn_linear.linears())
+    return stack
 
 
 def decoder(tokenizer: nn.Module, dtype: torch.dtype, compile: bool):
     """latents [B,77,16], CLIP features -> images in [0,1] (fp32), optionally compiled; compiled on a
-    CPU, with frozen weights (B bf16: 1.15-1.19x eager; fp32 1.01x; once the flow is compiled the
+    CPU, with frozen weights (B bf16: 1.15-1.19x eager; fp32 2.03x, linears on oneDNN; once the flow is compiled the
     decoder is ~40% of a CPU batch, and 90% of a 1-step student's). FlowTokPipeline.decode uses it
     outside eager mode. Call it under torch.no_grad (freezing needs it)."""
 
@@ -188,4 +191,11 @@ def decoder(tokenizer: nn.Module, dtype: torch.dtype, compile: bool):
         return decode
     compiled = torch.compile(decode, dynamic=False)
     on_cpu = next(tokenizer.parameters()).device.type == "cpu"
-    return _frozen(compiled) if on_cpu else compiled
+    if not on_cpu:
+        return compiled
+
+    def frozen_decode(latents, feats):
+        with _frozen():
+            return compiled(latents, feats)
+
+    return frozen_decode
