@@ -22,10 +22,14 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 
+def _aten_linear(x, weight, bias):
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 @torch.library.custom_op("flowtok::onednn_linear", mutates_args=())
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight, bias) for fp32 CPU tensors, computed by oneDNN."""
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+    return _aten_linear(x.contiguous(), weight, bias)
 
 
 @onednn_linear.register_fake
@@ -35,10 +39,6 @@ def _(x, weight, bias):
 
 def available() -> bool:
     return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-
-
-def _aten_linear(x, weight, bias):
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 class _Linears(TorchFunctionMode):

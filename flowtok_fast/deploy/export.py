@@ -35,10 +35,6 @@ FLOW_MODES = ("step", "loop")
 RUNNER_FILE = "runner.txt"
 
 
-def _check_out(out: Path, force: bool) -> None:
-    check_new_output_dir(out, force)
-
-
 def stage_programs(pipe, batch: int, steps: int, cfg_scale: float, grid: str, dtype: torch.dtype, flow_mode: str):
     """{stage: (module, example inputs, input specs, output specs)} at the package's static shapes."""
     dev, kind, cfg = pipe.device, pipe.device.type, pipe.config
@@ -88,7 +84,7 @@ def export_package(pipe, out: str | Path, batch: int, steps: int = 20, cfg_scale
         raise UserError(f"--grid: expected one of {GRIDS}, got {grid!r}")
     if batch < 1 or steps < 1:
         raise UserError(f"--batch and --steps must be >= 1, got {batch} and {steps}")
-    _check_out(out, force)
+    check_new_output_dir(out, force)
     for module in (pipe.generator, pipe.tokenizer):
         ops.use(module, "reference")
     flow, programs = stage_programs(pipe, batch, steps, cfg_scale, grid, dtype, flow_mode)
@@ -182,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.batch < 1 or (args.steps is not None and args.steps < 1):
         raise UserError(f"--batch and --steps must be >= 1, got {args.batch} and {args.steps}")
-    _check_out(Path(args.out), args.force)  # before any model is loaded
+    check_new_output_dir(Path(args.out), args.force)  # before any model is loaded
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -27,8 +27,9 @@ import torch
 from flowtok_fast import onednn_linear
 from flowtok_fast.deploy import dtype as precision
 from flowtok_fast.errors import UserError
+from flowtok_fast.fast_sampler import MODES
 
-SAMPLER_MODES = ("eager", "compile", "graph", "reduce-overhead")
+SAMPLER_MODES = MODES
 CHOICES = ("auto",) + SAMPLER_MODES
 
 

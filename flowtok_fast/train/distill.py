@@ -82,7 +82,7 @@ class DistillObjective(nn.Module):
         v = self.generator(x, t, indicator, step_size=step_size).float()
         latent = self._distance(v, target)
         if not self.image_weight:
-            return {"loss": latent, "latent": latent.detach(), "image": torch.zeros_like(latent)}
+            return {"loss": latent}  # LOG_TERMS is ("loss",) then
         end = x[last] + step_size[last, None, None] * v[last]
         pixels = self._distance(self.decode(end, feats).float(), image)
         return {"loss": latent + self.image_weight * pixels, "latent": latent.detach(), "image": pixels.detach()}
@@ -113,7 +113,6 @@ class DistillTrainer(TrainLoop):
                                            self.cfg_scale, cfg.teacher_sampler, images=cfg.image_weight > 0)
         torch.manual_seed(cfg.seed)  # the step embedder's first layer: the same on every rank and every run
         self.student = make_student(self.teacher.generator, self.teacher.config.text_vae, cfg.extra_depth).to(self.device)
-        self.teacher.tokenizer.requires_grad_(False)  # the image loss differentiates through it, never trains it
         self.objective = DistillObjective(self.student, self.teacher.tokenizer.decode if cfg.image_weight else None,
                                           cfg.image_weight, cfg.distance)
         self.model = parallelize(self.objective, cfg.parallelism, self.device, cfg.fused_kernels, cfg.recompute,
