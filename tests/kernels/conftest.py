@@ -14,8 +14,8 @@ from .utils import kernel_device, poisoned_outputs
 @pytest.fixture(autouse=True)
 def fresh_seed():
     """Fresh random inputs every run (a kernel must be right on any valid input); the seed is
-    printed so a failure can be replayed with torch.manual_seed."""
-    seed = int.from_bytes(os.urandom(4), "little")
+    printed so a failure can be replayed: FLOWTOK_TEST_SEED=<seed> python -m pytest ..."""
+    seed = int(os.environ.get("FLOWTOK_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     torch.manual_seed(seed)
     print(f"seed {seed}")
     yield seed

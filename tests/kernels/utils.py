@@ -27,7 +27,10 @@ def assert_within_ref_error(out, ref_same, ref_exact, *, factor=2.0, atol=None, 
     assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten elements?)"
     scale = ref_exact.double().abs().max().item() + 1e-12
     if atol is None:
-        atol = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 1e-3}.get(out.dtype, 1e-5)
+        # a low-precision output may round one ulp the other way where the exact value sits near a
+        # rounding boundary: one bf16 ulp is up to 2^-7 of the magnitude (2e-3 failed ~1 run in
+        # a few hundred: seed 514707947, gelu_tanh bf16 out, a 1-ulp flip at |out| ~ 6)
+        atol = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 1e-3}.get(out.dtype, 1e-5)
     err = max_err(out, ref_exact)
     ref_err = max_err(ref_same, ref_exact)
     budget = factor * ref_err + atol * scale
